@@ -1,0 +1,69 @@
+"""The interface every executor implements: run one batch of tasks, report each as it ends."""
+
+from __future__ import annotations
+
+import sys
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from dehbws.task import TaskSpec
+
+
+@dataclass(frozen=True)
+class TaskOutcome:
+    """How one task ended: its result record, or why it produced none."""
+
+    spec: TaskSpec
+    record: dict[str, Any] | None
+    error: str | None = None
+    log_path: str | None = None
+
+    @property
+    def succeeded(self) -> bool:
+        return self.record is not None
+
+
+OnDone = Callable[[TaskOutcome], None]
+
+
+class Executor(ABC):
+    """Runs a batch of tasks, the shape of one SLURM array job, and reports each outcome."""
+
+    name: str = "executor"
+
+    @abstractmethod
+    def run(self, specs: Sequence[TaskSpec], on_done: OnDone) -> None:
+        """Run every task; call `on_done` once per task, in the order they end."""
+
+
+class Progress:
+    """A one-line progress display on a terminal; silent otherwise (logs stay clean)."""
+
+    def __init__(self, total: int, label: str) -> None:
+        self.total = total
+        self.label = label
+        self.done = 0
+        self.started = time.monotonic()
+        self.enabled = sys.stderr.isatty()
+
+    def advance(self) -> None:
+        self.done += 1
+        self.show()
+
+    def show(self) -> None:
+        if not self.enabled:
+            return
+        elapsed_s = time.monotonic() - self.started
+        width = 24
+        filled = int(width * self.done / max(self.total, 1))
+        bar = "#" * filled + "-" * (width - filled)
+        sys.stderr.write(f"\r{self.label} [{bar}] {self.done}/{self.total} {elapsed_s:6.0f}s")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+            sys.stderr.flush()

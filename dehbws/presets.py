@@ -1,0 +1,162 @@
+"""Run settings: what a search does, and the named presets users start from."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from dehbws.errors import UserError
+from dehbws.schedule import rung_budgets
+from dehbws.settings import DataSettings, NetworkSettings, TrainSettings, _check_int
+
+EXECUTORS: tuple[str, ...] = ("debug", "local", "slurm")
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """The DEHB-WS schedule: budgets, stopping criterion, warm-up and final finetuning."""
+
+    fevals: int = 60
+    min_epochs: int = 3
+    max_epochs: int = 27
+    eta: int = 3
+    seed: int = 0
+    warmup_epochs: int = 10
+    warmup_subnets: int = 9
+    finetune_epochs: int = 15
+    max_retries: int = 1
+
+    def __post_init__(self) -> None:
+        _check_int("fevals", self.fevals, minimum=1)
+        _check_int("seed", self.seed, minimum=0)
+        _check_int("warmup_epochs", self.warmup_epochs, minimum=0)
+        _check_int("warmup_subnets", self.warmup_subnets, minimum=1)
+        _check_int("finetune_epochs", self.finetune_epochs, minimum=0)
+        _check_int("max_retries", self.max_retries, minimum=0)
+        rung_budgets(self.min_epochs, self.max_epochs, self.eta)
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Everything that defines a run; stored as settings.json in the run folder."""
+
+    preset: str
+    network: NetworkSettings = field(default_factory=NetworkSettings)
+    data: DataSettings = field(default_factory=DataSettings)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    search: SearchSettings = field(default_factory=SearchSettings)
+    executor: str = "local"
+    max_parallel_tasks: int = 1
+
+    def __post_init__(self) -> None:
+        if self.executor not in EXECUTORS:
+            raise UserError(
+                f"executor is {self.executor!r}, but must be one of {list(EXECUTORS)}."
+            )
+        _check_int("max_parallel_tasks", self.max_parallel_tasks, minimum=1)
+        train_epochs_needed = max(self.search.max_epochs, self.search.warmup_epochs)
+        if train_epochs_needed > self.train.schedule_epochs:
+            raise UserError(
+                f"max_epochs is {self.search.max_epochs}, but the learning-rate schedule has only "
+                f"{self.train.schedule_epochs} epochs; lower --max-epochs."
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain dict for JSON."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> RunSettings:
+        """Rebuild settings from settings.json, rejecting unknown keys with a clear message."""
+        sections = {
+            "network": NetworkSettings,
+            "data": DataSettings,
+            "train": TrainSettings,
+            "search": SearchSettings,
+        }
+        if not isinstance(values, dict):
+            raise UserError(f"settings must be a JSON object, got {type(values).__name__}.")
+        _reject_unknown("settings", values, {f.name for f in dataclasses.fields(cls)})
+
+        kwargs: dict[str, Any] = {}
+        for key, value in values.items():
+            section = sections.get(key)
+            if section is None:
+                kwargs[key] = value
+                continue
+            if not isinstance(value, dict):
+                raise UserError(f"settings section {key!r} must be an object, got {value!r}.")
+            _reject_unknown(key, value, {f.name for f in dataclasses.fields(section)})
+            kwargs[key] = section(**value)
+        if "preset" not in kwargs:
+            raise UserError("settings lack the key 'preset'.")
+        return cls(**kwargs)
+
+
+def _reject_unknown(section: str, values: dict[str, Any], known: set[str]) -> None:
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise UserError(f"{section} has unknown keys {unknown}; known keys are {sorted(known)}.")
+
+
+PRESETS: dict[str, RunSettings] = {
+    # Finishes in a few minutes on two CPU cores: a tiny network on a tenth of the data.
+    "smoke": RunSettings(
+        preset="smoke",
+        network=NetworkSettings(width=4, cells_per_stage=1, resolution=0.5),
+        data=DataSettings(subset_fraction=0.1),
+        train=TrainSettings(batch_size=256, bn_recalibration_batches=4),
+        search=SearchSettings(
+            fevals=20,
+            min_epochs=1,
+            max_epochs=9,
+            eta=3,
+            warmup_epochs=1,
+            warmup_subnets=3,
+            finetune_epochs=3,
+        ),
+        executor="local",
+    ),
+    # The DEHB-WS study: the paper's network, budgets 3..27, eta 3, 60 evaluations. For GPUs.
+    "paper": RunSettings(
+        preset="paper",
+        network=NetworkSettings(width=16, cells_per_stage=5, resolution=1.0),
+        data=DataSettings(subset_fraction=1.0),
+        train=TrainSettings(device="cuda"),
+        search=SearchSettings(
+            fevals=60,
+            min_epochs=3,
+            max_epochs=27,
+            eta=3,
+            warmup_epochs=10,
+            warmup_subnets=9,
+            finetune_epochs=15,
+        ),
+        executor="local",
+    ),
+    # For tests: seconds per evaluation.
+    "tiny": RunSettings(
+        preset="tiny",
+        network=NetworkSettings(width=2, cells_per_stage=1, resolution=0.25),
+        data=DataSettings(subset_fraction=0.02),
+        train=TrainSettings(batch_size=128, bn_recalibration_batches=2),
+        search=SearchSettings(
+            fevals=8,
+            min_epochs=1,
+            max_epochs=3,
+            eta=3,
+            warmup_epochs=1,
+            warmup_subnets=2,
+            finetune_epochs=1,
+        ),
+        executor="debug",
+    ),
+}
+
+
+def preset(name: str) -> RunSettings:
+    """The named preset, or a UserError listing the known ones."""
+    if name not in PRESETS:
+        raise UserError(f"preset is {name!r}, but must be one of {sorted(PRESETS)}.")
+    return PRESETS[name]

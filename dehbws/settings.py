@@ -1,0 +1,91 @@
+"""Plain, validated settings shared by the coordinator and the tasks.
+
+Everything here is a frozen dataclass of JSON-friendly values, so a task on another machine
+receives exactly what the coordinator decided and the run folder can store it as text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from dehbws.errors import UserError
+
+SplitName = Literal["jahs", "official"]
+SPLIT_NAMES: tuple[str, ...] = ("jahs", "official")
+RESOLUTIONS: tuple[float, ...] = (0.25, 0.5, 1.0)
+
+
+@dataclass(frozen=True)
+class NetworkSettings:
+    """The fixed part of the JAHS-Bench-201 network: width W, cells per stage N, resolution R."""
+
+    width: int = 16
+    cells_per_stage: int = 5
+    resolution: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check_int("width", self.width, minimum=1)
+        _check_int("cells_per_stage", self.cells_per_stage, minimum=1)
+        if self.resolution not in RESOLUTIONS:
+            raise UserError(
+                f"resolution is {self.resolution!r}, but must be one of {RESOLUTIONS} "
+                "(the image side is 32 * resolution pixels)."
+            )
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """Where Fashion-MNIST comes from and which part of it a run uses.
+
+    `subset_fraction` keeps that fraction of every split (per class, so it stays balanced);
+    1.0 uses everything.
+    """
+
+    data_dir: str | None = None
+    split: str = "jahs"
+    subset_fraction: float = 1.0
+    split_seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.split not in SPLIT_NAMES:
+            raise UserError(
+                f"split is {self.split!r}, but must be one of {list(SPLIT_NAMES)}: 'jahs' is "
+                "JAHS-Bench-201's 44,100/18,900/7,000 split, 'official' the 10k test set."
+            )
+        if not isinstance(self.subset_fraction, (int, float)) or not (
+            0.0 < self.subset_fraction <= 1.0
+        ):
+            raise UserError(
+                f"subset_fraction is {self.subset_fraction!r}, but must be a number in (0, 1]."
+            )
+        _check_int("split_seed", self.split_seed, minimum=0)
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """The JAHS-Bench-201 training recipe's fixed parts."""
+
+    batch_size: int = 256
+    schedule_epochs: int = 200
+    momentum: float = 0.9
+    bn_recalibration_batches: int = 10
+    device: str = "cpu"
+    num_threads: int = 0
+
+    def __post_init__(self) -> None:
+        _check_int("batch_size", self.batch_size, minimum=1)
+        _check_int("schedule_epochs", self.schedule_epochs, minimum=1)
+        _check_int("bn_recalibration_batches", self.bn_recalibration_batches, minimum=0)
+        _check_int("num_threads", self.num_threads, minimum=0)
+
+
+def _check_int(name: str, value: Any, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise UserError(f"{name} is {value!r}, but must be an integer >= {minimum}.")
+
+
+def to_plain(settings: Any) -> dict[str, Any]:
+    """A settings dataclass as a plain dict (for JSON)."""
+    return dataclasses.asdict(settings)

@@ -1,0 +1,242 @@
+"""HDF5 weight store: immutable supernet versions, per-evaluation shards and the masked merge.
+
+Every file holds one dataset per tensor, named by its `state_dict` key, plus JSON metadata in
+attributes. Files are written under a temporary name in the target folder and published with
+`os.replace`, so a reader given an exact path never sees half a file. Locking is switched off
+because HDF5's locks fail on NFS and Lustre; immutability makes it unnecessary.
+
+This module needs only numpy and h5py, so the coordinator never has to import torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+_META_ATTR = "dehbws_meta"
+_FORMAT_ATTR = "dehbws_format"
+
+
+class StoreError(RuntimeError):
+    """A weight file is missing, truncated, of another format or holds non-finite values."""
+
+
+def supernet_filename(version: int) -> str:
+    """`v0007.h5` for version 7."""
+    return f"v{version:04d}.h5"
+
+
+def write_tensors(
+    path: Path,
+    tensors: Mapping[str, np.ndarray] | Iterable[tuple[str, np.ndarray]],
+    meta: Mapping[str, Any],
+) -> int:
+    """Write tensors and metadata to `path` atomically (temp file, fsync, rename).
+
+    `tensors` may be a generator of (name, array) pairs, so a caller can stream tensors one at
+    a time. Returns the number of tensors written.
+    """
+    items = tensors.items() if isinstance(tensors, Mapping) else tensors
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+
+    try:
+        with h5py.File(temp_name, "w", locking=False) as file:
+            file.attrs[_FORMAT_ATTR] = FORMAT_VERSION
+            file.attrs[_META_ATTR] = json.dumps(dict(meta), sort_keys=True)
+            count = 0
+            for name, array in items:
+                file.create_dataset(name, data=np.asarray(array))
+                count += 1
+        _fsync_file(temp_name)
+        os.replace(temp_name, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp_name)
+        raise
+    return count
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    """The metadata dict stored with a weight file."""
+    with _open(path) as file:
+        return dict(json.loads(file.attrs[_META_ATTR]))
+
+
+def read_tensors(path: Path, names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    """All tensors of a file (or just `names`), as numpy arrays."""
+    with _open(path) as file:
+        wanted = list(file.keys()) if names is None else list(names)
+        missing = [name for name in wanted if name not in file]
+        if missing:
+            raise StoreError(f"{path} lacks tensors {missing[:5]} (of {len(missing)} missing).")
+        return {name: file[name][()] for name in wanted}
+
+
+def tensor_names(path: Path) -> list[str]:
+    """The names of the tensors stored in a file."""
+    with _open(path) as file:
+        return list(file.keys())
+
+
+def check_finite(path: Path) -> None:
+    """Raise StoreError if any floating-point tensor in the file holds NaN or infinity."""
+    with _open(path) as file:
+        for name in file:
+            array = file[name][()]
+            if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
+                raise StoreError(f"{path}: tensor {name!r} holds non-finite values.")
+
+
+@dataclass(frozen=True)
+class ShardInput:
+    """One subnet to merge: its shard and the supernet version it started from."""
+
+    shard: Path
+    base: Path
+
+
+@dataclass(frozen=True)
+class MergeStats:
+    """What a merge did: how many shards, and how many tensors were updated or kept."""
+
+    shards: int
+    updated_tensors: int
+    kept_tensors: int
+
+
+def merge_shards(
+    current: Path, inputs: Sequence[ShardInput], out: Path, meta: Mapping[str, Any]
+) -> MergeStats:
+    """Write the masked average of the subnets in `inputs` on top of `current` to `out`.
+
+    Each tensor becomes current + mean over the subnets that used it of (subnet - its base).
+    When every subnet started from `current` this is the plain mean of the subnets' tensors;
+    the delta form also handles subnets that started from an older version. Tensors that no
+    subnet used keep their value. Shards are streamed tensor by tensor, so peak memory does not
+    grow with the number of shards.
+    """
+    with contextlib.ExitStack() as stack:
+        current_file = stack.enter_context(_open(current))
+        shard_files = [stack.enter_context(_open(item.shard)) for item in inputs]
+        base_files = _open_bases(stack, inputs, current, current_file)
+        for shard_file in shard_files:
+            unknown = set(shard_file.keys()) - set(current_file.keys())
+            if unknown:
+                raise StoreError(
+                    f"shard {shard_file.filename} holds tensors the supernet {current} lacks: "
+                    f"{sorted(unknown)[:5]}; it was made for another network."
+                )
+
+        updated = 0
+
+        def merged_tensors() -> Iterator[tuple[str, np.ndarray]]:
+            nonlocal updated
+            for name in current_file:
+                value = current_file[name][()]
+                users = [i for i, shard in enumerate(shard_files) if name in shard]
+                if users:
+                    updated += 1
+                    yield name, _masked_mean(name, value, users, shard_files, base_files)
+                else:
+                    yield name, value
+
+        total = write_tensors(out, merged_tensors(), meta)
+
+    stats = MergeStats(len(inputs), updated, total - updated)
+    logger.debug("merged %d shards into %s: %s", len(inputs), out, stats)
+    return stats
+
+
+def _masked_mean(
+    name: str,
+    value: np.ndarray,
+    users: list[int],
+    shard_files: list[h5py.File],
+    base_files: list[h5py.File],
+) -> np.ndarray:
+    # Accumulate in float64 so that the mean of many float32 tensors does not drift.
+    delta_sum = np.zeros(value.shape, dtype=np.float64)
+    for i in users:
+        shard_value = shard_files[i][name][()]
+        if shard_value.shape != value.shape:
+            raise StoreError(
+                f"tensor {name!r} has shape {shard_value.shape} in {shard_files[i].filename} "
+                f"but {value.shape} in the supernet."
+            )
+        delta_sum += shard_value.astype(np.float64) - base_files[i][name][()].astype(np.float64)
+
+    result = value.astype(np.float64) + delta_sum / len(users)
+    if np.issubdtype(value.dtype, np.integer):
+        return np.rint(result).astype(value.dtype)
+    return result.astype(value.dtype)
+
+
+def _open_bases(
+    stack: contextlib.ExitStack,
+    inputs: Sequence[ShardInput],
+    current: Path,
+    current_file: h5py.File,
+) -> list[h5py.File]:
+    # Most subnets share one base: open each distinct base file once.
+    opened: dict[Path, h5py.File] = {Path(current).resolve(): current_file}
+    bases = []
+    for item in inputs:
+        key = Path(item.base).resolve()
+        if key not in opened:
+            opened[key] = stack.enter_context(_open(item.base))
+        bases.append(opened[key])
+    return bases
+
+
+@contextlib.contextmanager
+def _open(path: Path) -> Iterator[h5py.File]:
+    try:
+        file = h5py.File(path, "r", locking=False)
+    except FileNotFoundError as error:
+        raise StoreError(f"weight file {path} does not exist.") from error
+    except OSError as error:
+        raise StoreError(f"weight file {path} cannot be read as HDF5: {error}") from error
+
+    with file:
+        if file.attrs.get(_FORMAT_ATTR) != FORMAT_VERSION:
+            raise StoreError(
+                f"{path} is not a dehbws weight file of format {FORMAT_VERSION} "
+                f"(found {file.attrs.get(_FORMAT_ATTR)!r})."
+            )
+        yield file
+
+
+def _fsync_file(path: str) -> None:
+    with open(path, "rb") as file:
+        os.fsync(file.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    # A rename is durable only once the folder holding it is synced.
+    try:
+        handle = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(handle)
+    except OSError:
+        pass
+    finally:
+        os.close(handle)
