@@ -70,6 +70,12 @@ def _search_options(function: Any) -> Any:
         click.option("--eta", type=int, default=None, help="Successive-halving rate."),
         click.option("--seed", type=int, default=None, help="Seed of the whole run."),
         click.option(
+            "--method",
+            type=click.Choice(["dehb-ws", "dehb"]),
+            default=None,
+            help="dehb-ws: weight sharing (default); dehb: every subnet from scratch.",
+        ),
+        click.option(
             "--warmup-epochs",
             type=int,
             default=None,
@@ -202,6 +208,7 @@ def _settings_from_options(base: RunSettings, options: dict[str, Any]) -> RunSet
             "warmup_epochs": "warmup_epochs",
             "finetune_epochs": "finetune_epochs",
             "max_retries": "max_retries",
+            "method": "method",
         },
     )
     data = pick(
@@ -226,9 +233,15 @@ def _search_and_finetune(
         coordinator = Coordinator(folder, executor, data_cache_dir=cache_dir)
         result = coordinator.run()
 
-        epochs = coordinator.settings.search.finetune_epochs
-        if epochs > 0 and result["incumbent"] is not None:
-            final_evaluation(folder, executor, epochs=epochs, data_cache_dir=cache_dir)
+        search = coordinator.settings.search
+        if search.finetune_epochs > 0 and result["incumbent"] is not None:
+            final_evaluation(
+                folder,
+                executor,
+                epochs=search.finetune_epochs,
+                from_scratch=not search.weight_sharing,
+                data_cache_dir=cache_dir,
+            )
     _print_status(folder)
 
 

@@ -60,16 +60,18 @@ class Coordinator:
         self._clock = time.monotonic()
 
         self._prepare_data()
-        self._write_initial_supernet()
+        if search.weight_sharing:
+            self._write_initial_supernet()
         schedule = Schedule(
             min_epochs=search.min_epochs,
             max_epochs=search.max_epochs,
             eta=search.eta,
             seed=search.seed,
             output_dir=self.folder.root / "dehb",
+            cumulative=search.weight_sharing,
         )
 
-        first_search_batch = 1 if search.warmup_epochs > 0 else 0
+        first_search_batch = 1 if search.weight_sharing and search.warmup_epochs > 0 else 0
         if first_search_batch == 1 and self.state.batches_done == 0:
             self._run_warmup()
 
@@ -123,7 +125,10 @@ class Coordinator:
             and records[job.index]["status"] == "ok"
             and records[job.index].get("shard") is not None
         ]
-        new_version = self._merge(batch, base_version, [records[job.index] for job in merged])
+        if self.settings.search.weight_sharing:
+            new_version = self._merge(batch, base_version, [records[job.index] for job in merged])
+        else:
+            new_version, merged = base_version, []
 
         history = [
             _history_record(job, records[job.index], kept[job.index], new_version, merged)
@@ -290,7 +295,7 @@ class Coordinator:
         return record
 
     def _search_spec(self, batch: int, base_version: int, job: Job) -> TaskSpec:
-        return self._spec(
+        spec = self._spec(
             "search",
             batch,
             job.index,
@@ -299,6 +304,10 @@ class Coordinator:
             start_epoch=job.start_epoch,
             end_epoch=job.fidelity_epochs,
         )
+        if not self.settings.search.weight_sharing:
+            # Vanilla DEHB: a fresh network for every evaluation, nothing to merge.
+            spec = dataclasses.replace(spec, base_version=None, base_supernet=None, shard=None)
+        return spec
 
     def _spec(
         self,
@@ -406,7 +415,11 @@ class Coordinator:
             "epochs_spent": state.epochs_spent,
             "wall_seconds": state.extra["wall_seconds"],
             "supernet_version": state.supernet_version,
-            "supernet": self.folder.relative(self.folder.supernet_path(state.supernet_version)),
+            "supernet": (
+                self.folder.relative(self.folder.supernet_path(state.supernet_version))
+                if self.settings.search.weight_sharing
+                else None
+            ),
         }
         previous = read_json(self.folder.result_file) if self.folder.result_file.exists() else {}
         result["finetune"] = previous.get("finetune", {})

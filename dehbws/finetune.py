@@ -43,6 +43,11 @@ def final_evaluation(
         raise UserError(f"the search in {folder.root} has no incumbent: every evaluation failed.")
 
     settings = folder.load_settings()
+    if not from_scratch and not settings.search.weight_sharing:
+        raise UserError(
+            f"the run in {folder.root} used method {settings.search.method!r}, which has no "
+            "supernet to inherit from; evaluate its incumbent with --from-scratch."
+        )
     state = folder.load_state()
     kind = "scratch" if from_scratch else "finetune"
     name = f"{kind}-{epochs}"

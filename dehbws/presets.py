@@ -11,6 +11,9 @@ from dehbws.schedule import rung_budgets
 from dehbws.settings import DataSettings, NetworkSettings, TrainSettings, _check_int
 
 EXECUTORS: tuple[str, ...] = ("debug", "local", "slurm")
+# dehb-ws: subnets inherit from the supernet and train the increment of their budget;
+# dehb: vanilla DEHB, every evaluation trains from scratch for its whole budget.
+METHODS: tuple[str, ...] = ("dehb-ws", "dehb")
 
 
 @dataclass(frozen=True)
@@ -26,8 +29,11 @@ class SearchSettings:
     warmup_subnets: int = 9
     finetune_epochs: int = 15
     max_retries: int = 1
+    method: str = "dehb-ws"
 
     def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise UserError(f"method is {self.method!r}, but must be one of {list(METHODS)}.")
         _check_int("fevals", self.fevals, minimum=1)
         _check_int("seed", self.seed, minimum=0)
         _check_int("warmup_epochs", self.warmup_epochs, minimum=0)
@@ -35,6 +41,11 @@ class SearchSettings:
         _check_int("finetune_epochs", self.finetune_epochs, minimum=0)
         _check_int("max_retries", self.max_retries, minimum=0)
         rung_budgets(self.min_epochs, self.max_epochs, self.eta)
+
+    @property
+    def weight_sharing(self) -> bool:
+        """Whether subnets inherit from (and are merged into) a supernet."""
+        return self.method == "dehb-ws"
 
 
 @dataclass(frozen=True)

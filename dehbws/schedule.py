@@ -87,9 +87,19 @@ class Schedule:
     """DEHB on the joint space, asked for one whole rung at a time."""
 
     def __init__(
-        self, *, min_epochs: int, max_epochs: int, eta: int, seed: int, output_dir: Path
+        self,
+        *,
+        min_epochs: int,
+        max_epochs: int,
+        eta: int,
+        seed: int,
+        output_dir: Path,
+        cumulative: bool = True,
     ) -> None:
         self.budgets = rung_budgets(min_epochs, max_epochs, eta)
+        # Cumulative budgets (weight sharing): a job trains only the increment over the rung
+        # below; otherwise every job trains its whole budget from scratch.
+        self.cumulative = cumulative
         self._optimizer = _make_dehb(self.budgets, eta, seed, output_dir)
         self._pending: dict[int, dict[str, Any]] = {}
         self._asked = 0
@@ -155,7 +165,7 @@ class Schedule:
             config_id=int(raw["config_id"]),
             bracket=int(raw["bracket_id"]),
             rung=rung,
-            start_epoch=0 if rung == 0 else self.budgets[rung - 1],
+            start_epoch=self.budgets[rung - 1] if self.cumulative and rung > 0 else 0,
             fidelity_epochs=self.budgets[rung],
             parent_id=int(raw["parent_id"]),
         )

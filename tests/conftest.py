@@ -11,7 +11,7 @@ from dehbws.presets import RunSettings, preset
 from dehbws.run_folder import RunFolder
 
 
-def tiny_settings(**search_changes: int) -> RunSettings:
+def tiny_settings(**search_changes: int | str) -> RunSettings:
     """The `tiny` preset, with search settings changed as given."""
     base = preset("tiny")
     return dataclasses.replace(base, search=dataclasses.replace(base.search, **search_changes))

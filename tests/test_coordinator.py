@@ -239,3 +239,22 @@ def test_a_corrupt_shard_is_rerun(finished_run: tuple[RunFolder, Path], new_run:
     recording = Recording()
     _run(folder, recording, cache)
     assert ("search", 0) in recording.ran and ("search", 1) not in recording.ran
+
+
+def test_vanilla_dehb_trains_every_evaluation_from_scratch(
+    finished_run: tuple[RunFolder, Path], new_run: Any
+) -> None:
+    _, cache = finished_run
+    folder = new_run(tiny_settings(method="dehb"))
+
+    result = _run(folder, Recording(), cache)
+
+    history = folder.read_history()
+    assert len(history) == 8
+    for line in history:
+        assert line["start_epoch"] == 0 and line["epochs_trained"] == line["fidelity"]
+        assert line["base_version"] is None and line["shard"] is None
+        assert line["merged_into"] is None
+    assert not (folder.root / "supernet").exists()
+    assert result["supernet"] is None
+    assert result["epochs_spent"] == sum(line["fidelity"] for line in history)
