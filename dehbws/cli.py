@@ -71,9 +71,10 @@ def _search_options(function: Any) -> Any:
         click.option("--seed", type=int, default=None, help="Seed of the whole run."),
         click.option(
             "--method",
-            type=click.Choice(["dehb-ws", "dehb"]),
+            type=click.Choice(["dehb-ws", "dehb", "smac"]),
             default=None,
-            help="dehb-ws: weight sharing (default); dehb: every subnet from scratch.",
+            help="dehb-ws: weight sharing (default); dehb: every subnet from scratch; smac: "
+            "SMAC4MF (needs the [baselines] extra).",
         ),
         click.option(
             "--warmup-epochs",
@@ -224,16 +225,15 @@ def _settings_from_options(base: RunSettings, options: dict[str, Any]) -> RunSet
 def _search_and_finetune(
     folder: RunFolder, executor_name: str, max_parallel: int, cache_dir: Path | None
 ) -> None:
-    from dehbws.coordinator import Coordinator
     from dehbws.executors import make_executor
     from dehbws.finetune import final_evaluation
+    from dehbws.methods import run_search
 
     executor = make_executor(executor_name, log_dir=folder.task_log_dir, max_parallel=max_parallel)
     with folder.lock():
-        coordinator = Coordinator(folder, executor, data_cache_dir=cache_dir)
-        result = coordinator.run()
+        result = run_search(folder, executor, data_cache_dir=cache_dir)
 
-        search = coordinator.settings.search
+        search = folder.load_settings().search
         if search.finetune_epochs > 0 and result["incumbent"] is not None:
             final_evaluation(
                 folder,
@@ -375,9 +375,19 @@ def _configure_logging(folder: RunFolder, *, verbose: bool) -> None:
     file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root.addHandler(file_handler)
     # Third-party chatter stays out of the terminal.
-    for name in ("matplotlib", "PIL", "distributed", "asyncio"):
+    for name in ("matplotlib", "PIL", "distributed", "asyncio", "smac"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
+
+def _add_study_commands() -> None:
+    """`dehbws compare` and `dehbws report` live in their own module."""
+    from dehbws.study_cli import compare, report
+
+    cli.add_command(compare)
+    cli.add_command(report)
+
+
+_add_study_commands()
 
 if __name__ == "__main__":
     main()

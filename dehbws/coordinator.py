@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from dehbws import faults
 from dehbws.executors.base import Executor, TaskOutcome
 from dehbws.presets import RunSettings
 from dehbws.run_folder import RunFolder, RunState, read_json, write_json_atomic
@@ -58,6 +59,9 @@ class Coordinator:
         """Search until the evaluation budget is spent; returns the final result record."""
         search = self.settings.search
         self._clock = time.monotonic()
+        removed = self.folder.remove_stale_temp_files()
+        if removed:
+            logger.info("removed %d temporary files left by an interrupted run", removed)
 
         self._prepare_data()
         if search.weight_sharing:
@@ -96,6 +100,7 @@ class Coordinator:
             logger.info("batch %d: resuming an interrupted rung", batch)
         else:
             jobs = schedule.ask_rung(self.settings.search.fevals - schedule.asked)
+            faults.checkpoint("asked")
             write_json_atomic(
                 manifest_path,
                 {
@@ -107,6 +112,7 @@ class Coordinator:
             )
 
         # Train every subnet of the rung as one batch of tasks.
+        faults.checkpoint("manifest")
         base_version = read_json(manifest_path)["base_version"]
         specs = [self._search_spec(batch, base_version, job) for job in jobs]
         records = self._execute(specs)
@@ -115,6 +121,7 @@ class Coordinator:
         for job in jobs:
             record = records[job.index]
             schedule.tell(job, fitness=_fitness(record), cost=job.epochs)
+            faults.checkpoint("told")
         kept = {job.index: schedule.is_kept(job) for job in jobs}
 
         # Average the subnets DE kept into the next supernet version.
@@ -125,6 +132,7 @@ class Coordinator:
             and records[job.index]["status"] == "ok"
             and records[job.index].get("shard") is not None
         ]
+        faults.checkpoint("merge")
         if self.settings.search.weight_sharing:
             new_version = self._merge(batch, base_version, [records[job.index] for job in merged])
         else:
@@ -226,8 +234,12 @@ class Coordinator:
                 else:
                     records[outcome.spec.evaluation] = record
                     self._log_evaluation(outcome.spec, record)
+                faults.checkpoint("task-done")
 
-            self.executor.run(pending, on_done)
+            # The batch folder keeps what an executor needs to find its tasks again after a
+            # restart (the SLURM job ids).
+            batch_dir = self.folder.batch_dir(pending[0].batch)
+            self.executor.run_batch(pending, on_done, state_dir=batch_dir)
             pending = failed
 
         if len(pending) > 1 and len(pending) == len(specs):
@@ -389,6 +401,7 @@ class Coordinator:
             state.history_bytes = self.folder.append_lines(
                 self.folder.history_path, history, state.history_bytes
             )
+        faults.checkpoint("history")
         state.batches_done = batch + 1
         state.supernet_version = new_version
         state.evaluations_done += evaluations
@@ -397,6 +410,7 @@ class Coordinator:
         )
         self._add_wall_time()
         self.folder.save_state(state)
+        faults.checkpoint("committed")
 
     def _add_wall_time(self) -> None:
         """Add the time since the last mark to the run's wall time (it spans resumes)."""

@@ -12,8 +12,10 @@ from dehbws.settings import DataSettings, NetworkSettings, TrainSettings, _check
 
 EXECUTORS: tuple[str, ...] = ("debug", "local", "slurm")
 # dehb-ws: subnets inherit from the supernet and train the increment of their budget;
-# dehb: vanilla DEHB, every evaluation trains from scratch for its whole budget.
-METHODS: tuple[str, ...] = ("dehb-ws", "dehb")
+# dehb: vanilla DEHB, every evaluation trains from scratch for its whole budget;
+# smac: SMAC4MF (dehbws.baselines.smac_mf), from scratch like dehb; fixed-cnn: no search, the
+# fixed CNN baseline (dehbws.baselines.fixed_cnn), trained by `dehbws compare`.
+METHODS: tuple[str, ...] = ("dehb-ws", "dehb", "smac", "fixed-cnn")
 
 
 @dataclass(frozen=True)

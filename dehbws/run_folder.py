@@ -186,6 +186,20 @@ class RunFolder:
     def save_state(self, state: RunState) -> None:
         write_json_atomic(self.root / STATE_FILE, state.__dict__)
 
+    def remove_stale_temp_files(self) -> int:
+        """Delete temporary files a killed coordinator left behind; returns how many.
+
+        Only the coordinator's own folders are swept: task outputs are cleaned by the task
+        that owns them (see `dehbws.task`), since a task may still be running elsewhere.
+        """
+        patterns = [".*.tmp", "supernet/.*.tmp", "batches/*/.*.tmp", "final/.*.tmp"]
+        removed = 0
+        for pattern in patterns:
+            for path in self.root.glob(pattern):
+                path.unlink(missing_ok=True)
+                removed += 1
+        return removed
+
     # -- history ----------------------------------------------------------------------------
 
     def append_lines(self, path: Path, records: list[dict[str, Any]], valid_bytes: int) -> int:

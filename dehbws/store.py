@@ -23,6 +23,8 @@ from typing import Any
 import h5py
 import numpy as np
 
+from dehbws import faults
+
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
@@ -151,6 +153,7 @@ def merge_shards(
             for name in current_file:
                 value = current_file[name][()]
                 users = [i for i, shard in enumerate(shard_files) if name in shard]
+                faults.checkpoint("supernet-tensor")
                 if users:
                     updated += 1
                     yield name, _masked_mean(name, value, users, shard_files, base_files)

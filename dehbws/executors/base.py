@@ -7,6 +7,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from dehbws.task import TaskSpec
@@ -37,6 +38,17 @@ class Executor(ABC):
     @abstractmethod
     def run(self, specs: Sequence[TaskSpec], on_done: OnDone) -> None:
         """Run every task; call `on_done` once per task, in the order they end."""
+
+    def run_batch(
+        self, specs: Sequence[TaskSpec], on_done: OnDone, *, state_dir: Path | None
+    ) -> None:
+        """Run one batch of the run folder, whose files for it live in `state_dir`.
+
+        An executor whose tasks outlive the coordinator (SLURM) records there which jobs run
+        them, so that a restarted coordinator waits for those jobs instead of submitting them
+        again. The others have nothing to record and just `run`.
+        """
+        self.run(specs, on_done)
 
 
 class Progress:
