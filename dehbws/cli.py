@@ -223,13 +223,21 @@ def _settings_from_options(base: RunSettings, options: dict[str, Any]) -> RunSet
 
 
 def _search_and_finetune(
-    folder: RunFolder, executor_name: str, max_parallel: int, cache_dir: Path | None
+    folder: RunFolder,
+    executor_name: str,
+    max_parallel: int,
+    cache_dir: Path | None,
+    executor: Any = None,
 ) -> None:
+    """Search and finetune with the named executor, or with `executor` when one is given."""
     from dehbws.executors import make_executor
     from dehbws.finetune import final_evaluation
     from dehbws.methods import run_search
 
-    executor = make_executor(executor_name, log_dir=folder.task_log_dir, max_parallel=max_parallel)
+    if executor is None:
+        executor = make_executor(
+            executor_name, log_dir=folder.task_log_dir, max_parallel=max_parallel
+        )
     with folder.lock():
         result = run_search(folder, executor, data_cache_dir=cache_dir)
 
@@ -387,7 +395,15 @@ def _add_study_commands() -> None:
     cli.add_command(report)
 
 
+def _add_submit_command() -> None:
+    """`dehbws submit` (the SLURM executor) lives in its own module."""
+    from dehbws.submit_cli import submit_command
+
+    cli.add_command(submit_command(_search_options))
+
+
 _add_study_commands()
+_add_submit_command()
 
 if __name__ == "__main__":
     main()

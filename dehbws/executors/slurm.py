@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import logging
+import re
 import shutil
 import subprocess
 import tempfile
@@ -27,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import submitit
-from submitit.core.utils import FailedJobError, FailedSubmissionError, UncompletedJobError
+from submitit.core.utils import FailedJobError, FailedSubmissionError
 
 from dehbws.errors import UserError
 from dehbws.executors.base import Executor, OnDone, Progress, TaskOutcome
@@ -233,7 +234,7 @@ class SlurmExecutor(Executor):
 
     def _on_device(self, spec: TaskSpec) -> TaskSpec:
         """The spec with the device that the GPU request implies (cuda with GPUs, else cpu)."""
-        device = self.settings.device
+        device = self.settings.task_device
         if spec.train.device == device:
             return spec
         return dataclasses.replace(spec, train=dataclasses.replace(spec.train, device=device))
@@ -343,37 +344,51 @@ def _ended(task: _Waiting) -> bool:
 
 
 def _outcome(task: _Waiting) -> TaskOutcome:
-    """The task's record, or its error (the remote traceback, or how its job ended)."""
+    """The task's record, or why it has none, with the first line saying what happened.
+
+    The record is read from the task's JSON result file, never from submitit's result pickle,
+    so that a file planted in the log folder cannot run code in the coordinator. The file is
+    written atomically and whole, so a task that wrote it succeeded even if its job was stopped
+    a moment later. Without it, a result pickle means the task raised (its traceback is at the
+    end of its log); no pickle means the job ended outside Python: cancelled, killed, out of
+    memory or out of time.
+    """
     job = task.job
     log_path = str(job.paths.stderr)
+    result_path = Path(task.spec.result)
+    if result_path.exists():
+        logger.debug("job %s finished %s", job.job_id, task.spec.name)
+        return TaskOutcome(task.spec, read_json(result_path), log_path=log_path)
+
+    tail = _log_tail(job.paths.stderr)
+    if job.paths.result_pickle.exists():
+        first = f"{_raised(tail)} (job {job.job_id})"
+    else:
+        state = job.watcher.get_state(job.job_id, mode="force")
+        first = (
+            f"job {job.job_id} ended {state} without a result (cancelled, killed, out of "
+            "memory or out of time)"
+        )
+    return TaskOutcome(task.spec, None, "\n".join([first, *tail]), log_path)
+
+
+def _log_tail(path: Path, lines: int = 30) -> list[str]:
+    """The last lines of a task's log (where Python and SLURM say why it ended)."""
     try:
-        record = job.result()
-    except UncompletedJobError as error:  # FailedJobError is one: the task raised
-        if not Path(task.spec.result).exists():
-            return TaskOutcome(task.spec, None, _failure_message(job, error), log_path)
-        # The task wrote its whole result (atomically) and was stopped just after.
-        record = read_json(Path(task.spec.result))
-    logger.debug("job %s finished %s", job.job_id, task.spec.name)
-    return TaskOutcome(task.spec, record, log_path=log_path)
+        return path.read_text(errors="replace").splitlines()[-lines:]
+    except OSError:
+        return []
 
 
-def _failure_message(job: Any, error: UncompletedJobError) -> str:
-    """A first line that says what happened, then submitit's full message."""
-    if isinstance(error, FailedJobError):
-        return f"{_remote_error(str(error))}\n{error}"
-    state = job.watcher.get_state(job.job_id, mode="force")
-    return (
-        f"job {job.job_id} ended {state} without a result (cancelled, killed, out of memory or "
-        f"out of time)\n{error}"
-    )
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Fault|Interrupt)\b(:.*)?$")
 
 
-def _remote_error(message: str) -> str:
-    """The exception line of a FailedJobError's remote traceback (e.g. `ValueError: ...`)."""
-    parts = message.split("----------------------")
-    trace = parts[1] if len(parts) >= 3 else message
-    lines = [line for line in trace.splitlines() if line.strip()]
-    return lines[-1].strip() if lines else "the task failed"
+def _raised(log_lines: list[str]) -> str:
+    """The exception line of the traceback in a task's log (e.g. `ValueError: ...`)."""
+    for line in reversed(log_lines):
+        if _EXCEPTION_LINE.match(line.strip()):
+            return line.strip()
+    return "the task raised an exception (see its log)"
 
 
 def _sbatch_complaint(text: str) -> str:

@@ -41,6 +41,7 @@ RESERVED_SBATCH_KEYS: dict[str, str] = {
     "nodes": "",
     "job-name": "",
 }
+TASK_DEVICES: tuple[str, ...] = ("cpu", "cuda")
 _SBATCH_KEY = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 
 
@@ -50,7 +51,9 @@ class SlurmSettings:
 
     None leaves a value to the cluster's defaults. `sbatch_args` holds further sbatch options
     (`constraint`: `a100` becomes `--constraint=a100`); `container` is an Apptainer image that
-    every task runs in.
+    every task runs in. `device` is where the tasks train; None means on their GPU when they
+    ask for one and on the CPU otherwise (`cpu` together with GPUs is for the development
+    cluster, whose GPUs are stand-ins).
     """
 
     partition: str | None = None
@@ -64,6 +67,7 @@ class SlurmSettings:
     sbatch_args: dict[str, str] = field(default_factory=dict)
     container: str | None = None
     signal_delay_s: int = 90
+    device: str | None = None
 
     def __post_init__(self) -> None:
         _check_count("gpus_per_task", self.gpus_per_task, "--gpus-per-task", minimum=0)
@@ -96,10 +100,25 @@ class SlurmSettings:
             raise UserError(f"sbatch_args is {self.sbatch_args!r}, but must be an object.")
         for key, value in self.sbatch_args.items():
             _check_sbatch_key(key, value)
+        self._check_device()
+
+    def _check_device(self) -> None:
+        if self.device is not None and self.device not in TASK_DEVICES:
+            raise UserError(
+                f"device is {self.device!r}, but the SLURM tasks train on one of "
+                f"{list(TASK_DEVICES)}; pass --device cpu or --device cuda, or leave it out."
+            )
+        if self.device == "cuda" and self.gpus_per_task == 0:
+            raise UserError(
+                "device is 'cuda', but gpus_per_task is 0, so the tasks would get no GPU; pass "
+                "--gpus-per-task 1 (or more), or --device cpu."
+            )
 
     @property
-    def device(self) -> str:
-        """Where the tasks train: on their GPU when they ask for one, else on the CPU."""
+    def task_device(self) -> str:
+        """Where the tasks train: `device`, else on their GPU when they ask for one."""
+        if self.device is not None:
+            return self.device
         return "cuda" if self.gpus_per_task > 0 else "cpu"
 
     def to_dict(self) -> dict[str, Any]:
