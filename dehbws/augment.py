@@ -1,21 +1,25 @@
 """Training-time augmentation of uint8 image batches, as in JAHS-Bench-201's recipe.
 
 Train: [TrivialAugment] -> random horizontal flip -> random crop with zero padding -> normalise.
-Eval: normalise only. Everything works on whole batches of tensors (no PIL per image) and draws
-its randomness from a torch.Generator, so a seed reproduces a batch exactly.
+Eval: normalise only. Everything works on whole batches of tensors (no PIL per image), on
+whatever device the images are on, and draws its randomness from a torch.Generator on the CPU, so
+a seed reproduces a batch exactly on every device.
+
+TrivialAugment draws one op and one level per image. Every op takes a tensor of per-image
+magnitudes, so all images that drew the same op go through it together: a batch costs at most 13
+op calls, whatever the levels (grouping by op *and* level would cost hundreds of small calls per
+batch and starve the network of data).
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
-from torchvision.transforms import InterpolationMode
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +31,9 @@ NUM_LEVELS = 31  # magnitude levels 0..30, each equally likely
 REFERENCE_SIDE_PX = 32  # the side the magnitudes in pixels (translate, crop padding) refer to
 CROP_PADDING_PX_AT_32 = 4
 
-OpFunction = Callable[[torch.Tensor, float], torch.Tensor]
+# An op maps uint8 images [B, C, H, W] and magnitudes (one float, or a tensor of B) to images.
+Magnitude = float | torch.Tensor
+OpFunction = Callable[[torch.Tensor, Magnitude], torch.Tensor]
 
 
 def normalize(images: torch.Tensor) -> torch.Tensor:
@@ -109,77 +115,109 @@ class AugmentOp:
         return sign * value if self.signed else value
 
 
-def identity(images: torch.Tensor, magnitude: float) -> torch.Tensor:
-    """The image unchanged."""
+def identity(images: torch.Tensor, magnitude: Magnitude) -> torch.Tensor:
+    """The images unchanged."""
     return images
 
 
-def shear_x(images: torch.Tensor, magnitude: float) -> torch.Tensor:
+def shear_x(images: torch.Tensor, magnitude: Magnitude) -> torch.Tensor:
     """Shear along x by factor `magnitude` about the top-left corner (as PIL's affine does)."""
-    return _affine(images, shear_deg=(math.degrees(math.atan(magnitude)), 0.0))
+    shear = _per_image(magnitude, images)
+    zero, one = torch.zeros_like(shear), torch.ones_like(shear)
+    # About the image's top-left corner, which is half a pixel before the first pixel's centre.
+    return _affine_nearest(images, (one, shear, shear / 2, zero, one, zero), about_centre=False)
 
 
-def shear_y(images: torch.Tensor, magnitude: float) -> torch.Tensor:
+def shear_y(images: torch.Tensor, magnitude: Magnitude) -> torch.Tensor:
     """Shear along y by factor `magnitude` about the top-left corner."""
-    return _affine(images, shear_deg=(0.0, math.degrees(math.atan(magnitude))))
+    shear = _per_image(magnitude, images)
+    zero, one = torch.zeros_like(shear), torch.ones_like(shear)
+    return _affine_nearest(images, (one, zero, zero, shear, one, shear / 2), about_centre=False)
 
 
-def translate_x(images: torch.Tensor, magnitude: float) -> torch.Tensor:
+def translate_x(images: torch.Tensor, magnitude: Magnitude) -> torch.Tensor:
     """Shift right by `magnitude` pixels (left if negative), filling with zeros."""
-    return _affine(images, translate_px=(int(magnitude), 0))
+    shift = _per_image(magnitude, images).trunc()
+    zero, one = torch.zeros_like(shift), torch.ones_like(shift)
+    return _affine_nearest(images, (one, zero, -shift, zero, one, zero), about_centre=False)
 
 
-def translate_y(images: torch.Tensor, magnitude: float) -> torch.Tensor:
+def translate_y(images: torch.Tensor, magnitude: Magnitude) -> torch.Tensor:
     """Shift down by `magnitude` pixels (up if negative), filling with zeros."""
-    return _affine(images, translate_px=(0, int(magnitude)))
+    shift = _per_image(magnitude, images).trunc()
+    zero, one = torch.zeros_like(shift), torch.ones_like(shift)
+    return _affine_nearest(images, (one, zero, zero, zero, one, -shift), about_centre=False)
 
 
-def rotate(images: torch.Tensor, magnitude: float) -> torch.Tensor:
+def rotate(images: torch.Tensor, magnitude: Magnitude) -> torch.Tensor:
     """Rotate counter-clockwise by `magnitude` degrees about the centre, filling with zeros."""
-    return TF.rotate(images, magnitude, interpolation=InterpolationMode.NEAREST, fill=0)
+    radians = torch.deg2rad(_per_image(magnitude, images))
+    cos, sin = torch.cos(radians), torch.sin(radians)
+    zero = torch.zeros_like(cos)
+    # The output pixel at (u, v) from the centre shows the input at (u, v) turned back.
+    return _affine_nearest(images, (cos, -sin, zero, sin, cos, zero), about_centre=True)
 
 
-def brightness(images: torch.Tensor, magnitude: float) -> torch.Tensor:
+def brightness(images: torch.Tensor, magnitude: Magnitude) -> torch.Tensor:
     """Blend with black by factor `magnitude` (1 keeps the image)."""
-    return TF.adjust_brightness(images, magnitude)
+    factors = _per_image(magnitude, images)[:, None, None, None]
+    return (images.float() * factors).clamp_(0, 255).to(torch.uint8)
 
 
-def color(images: torch.Tensor, magnitude: float) -> torch.Tensor:
+def color(images: torch.Tensor, magnitude: Magnitude) -> torch.Tensor:
     """Saturation by factor `magnitude`: a single-channel image has none, so it is unchanged.
 
     Kept so the op list, and hence how often each op is drawn, matches JAHS-Bench-201.
     """
-    return TF.adjust_saturation(images, magnitude)
-
-
-def contrast(images: torch.Tensor, magnitude: float) -> torch.Tensor:
-    """Blend with the image's mean grey level by factor `magnitude`."""
-    return TF.adjust_contrast(images, magnitude)
-
-
-def sharpness(images: torch.Tensor, magnitude: float) -> torch.Tensor:
-    """Blend with a smoothed copy by factor `magnitude` (above 1 sharpens)."""
-    return TF.adjust_sharpness(images, magnitude)
-
-
-def posterize(images: torch.Tensor, magnitude: float) -> torch.Tensor:
-    """Keep only the `magnitude` most significant bits (4..8) of every pixel."""
-    return TF.posterize(images, int(magnitude))
-
-
-def solarize(images: torch.Tensor, magnitude: float) -> torch.Tensor:
-    """Invert every pixel at or above threshold `magnitude` (256 changes nothing)."""
-    if magnitude > 255:
+    if images.shape[-3] == 1:
         return images
-    return TF.solarize(images, float(magnitude))
+    factors = _per_image(magnitude, images)
+    saturated = [
+        TF.adjust_saturation(image[None], float(factor))
+        for image, factor in zip(images, factors, strict=True)
+    ]
+    return torch.cat(saturated)
 
 
-def autocontrast(images: torch.Tensor, magnitude: float) -> torch.Tensor:
+def contrast(images: torch.Tensor, magnitude: Magnitude) -> torch.Tensor:
+    """Blend with each image's mean grey level by factor `magnitude`."""
+    grey = TF.rgb_to_grayscale(images) if images.shape[-3] == 3 else images
+    mean = grey.float().mean(dim=(-3, -2, -1), keepdim=True)
+    return _blend(images, mean, _per_image(magnitude, images))
+
+
+def sharpness(images: torch.Tensor, magnitude: Magnitude) -> torch.Tensor:
+    """Blend with a smoothed copy by factor `magnitude` (above 1 sharpens); borders stay."""
+    channels = images.shape[-3]
+    kernel = torch.ones(3, 3, device=images.device)
+    kernel[1, 1] = 5.0
+    kernel = (kernel / kernel.sum()).expand(channels, 1, 3, 3)
+    smoothed = F.conv2d(images.float(), kernel, groups=channels).round_()
+
+    degenerate = images.float()
+    degenerate[..., 1:-1, 1:-1] = smoothed
+    return _blend(images, degenerate, _per_image(magnitude, images))
+
+
+def posterize(images: torch.Tensor, magnitude: Magnitude) -> torch.Tensor:
+    """Keep only the `magnitude` most significant bits (4..8) of every pixel."""
+    bits = _per_image(magnitude, images).long()
+    masks = (256 - (1 << (8 - bits))).to(torch.uint8)
+    return images & masks[:, None, None, None]
+
+
+def solarize(images: torch.Tensor, magnitude: Magnitude) -> torch.Tensor:
+    """Invert every pixel at or above threshold `magnitude` (256 changes nothing)."""
+    thresholds = _per_image(magnitude, images)[:, None, None, None]
+    return torch.where(images.float() >= thresholds, 255 - images, images)
+
+
+def autocontrast(images: torch.Tensor, magnitude: Magnitude) -> torch.Tensor:
     """Stretch each image's grey levels to the full 0..255 range."""
     return TF.autocontrast(images)
 
 
-def equalize(images: torch.Tensor, magnitude: float) -> torch.Tensor:
+def equalize(images: torch.Tensor, magnitude: Magnitude) -> torch.Tensor:
     """Equalise each image's grey-level histogram."""
     return TF.equalize(images)
 
@@ -206,50 +244,78 @@ TRIVIAL_AUGMENT_OPS: tuple[AugmentOp, ...] = (
 def trivial_augment_batch(images: torch.Tensor, *, generator: torch.Generator) -> torch.Tensor:
     """Apply one uniformly drawn op at one uniformly drawn level to each image (uint8 in/out).
 
-    Images that drew the same op, level and sign go through the op together as one batch.
+    Images that drew the same op go through it together, each with its own magnitude.
     """
     _check_images(images)
     batch = images.shape[0]
-    op_ids = _randint(len(TRIVIAL_AUGMENT_OPS), batch, generator, torch.device("cpu"))
-    levels = _randint(NUM_LEVELS, batch, generator, torch.device("cpu"))
-    signs = _randint(2, batch, generator, torch.device("cpu")) * 2 - 1
-
-    groups: dict[tuple[int, int, int], list[int]] = {}
-    for position, (op_id, level, sign) in enumerate(
-        zip(op_ids.tolist(), levels.tolist(), signs.tolist(), strict=True)
-    ):
-        op = TRIVIAL_AUGMENT_OPS[op_id]
-        key = (op_id, level if op.uses_level else 0, sign if op.signed else 1)
-        groups.setdefault(key, []).append(position)
+    cpu = torch.device("cpu")
+    op_ids = _randint(len(TRIVIAL_AUGMENT_OPS), batch, generator, cpu).tolist()
+    levels = _randint(NUM_LEVELS, batch, generator, cpu).tolist()
+    signs = (_randint(2, batch, generator, cpu) * 2 - 1).tolist()
 
     augmented = images.clone()
-    for (op_id, level, sign), positions in groups.items():
-        op = TRIVIAL_AUGMENT_OPS[op_id]
-        if op.function is identity:
+    for op_id, op in enumerate(TRIVIAL_AUGMENT_OPS):
+        positions = [position for position, drawn in enumerate(op_ids) if drawn == op_id]
+        if not positions or op.function is identity:
             continue
+        magnitudes = [
+            op.magnitude(levels[p], sign=signs[p], side_px=images.shape[-1]) for p in positions
+        ]
+        # one host-to-device copy per op: the positions and their magnitudes
         index = torch.tensor(positions, device=images.device)
-        magnitude = op.magnitude(level, sign=sign, side_px=images.shape[-1])
+        magnitude = torch.tensor(magnitudes, dtype=torch.float32).to(images.device)
         augmented[index] = op.function(images[index], magnitude)
-    logger.debug("TrivialAugment: %d images in %d groups", batch, len(groups))
     return augmented
 
 
-def _affine(
+def _per_image(magnitude: Magnitude, images: torch.Tensor) -> torch.Tensor:
+    """Magnitudes as a float32 tensor [B] on the images' device (one float serves all)."""
+    if isinstance(magnitude, torch.Tensor):
+        if magnitude.shape != images.shape[:1]:
+            raise ValueError(
+                f"magnitudes have shape {tuple(magnitude.shape)}, but must be one float or one "
+                f"per image ({images.shape[0]})"
+            )
+        return magnitude.to(device=images.device, dtype=torch.float32)
+    return torch.full((images.shape[0],), float(magnitude), device=images.device)
+
+
+def _blend(images: torch.Tensor, other: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """factor * images + (1 - factor) * other per image, clamped and truncated to uint8."""
+    factor = factors[:, None, None, None]
+    start = images.float()
+    blended = start + (1.0 - factor) * (other - start)
+    return blended.clamp_(0, 255).to(torch.uint8)
+
+
+def _affine_nearest(
     images: torch.Tensor,
+    inverse: tuple[torch.Tensor, ...],
     *,
-    shear_deg: tuple[float, float] = (0.0, 0.0),
-    translate_px: tuple[int, int] = (0, 0),
+    about_centre: bool,
 ) -> torch.Tensor:
-    return TF.affine(
-        images,
-        angle=0.0,
-        translate=list(translate_px),
-        scale=1.0,
-        shear=list(shear_deg),
-        interpolation=InterpolationMode.NEAREST,
-        fill=0,
-        center=[0.0, 0.0],
-    )
+    """Resample every image through its own inverse affine map, nearest pixel, zero fill.
+
+    `inverse` is (a, b, c, d, e, f), each a tensor [B]: the output pixel at (x, y) shows the
+    input pixel at (a x + b y + c, d x + e y + f), with coordinates measured from the top-left
+    pixel, or from the image centre when `about_centre`.
+    """
+    batch, channels, height_px, width_px = images.shape
+    a, b, c, d, e, f = (value[:, None, None] for value in inverse)  # each [B, 1, 1]
+    y = torch.arange(height_px, device=images.device, dtype=torch.float32)[None, :, None]
+    x = torch.arange(width_px, device=images.device, dtype=torch.float32)[None, None, :]
+    centre_y, centre_x = ((height_px - 1) / 2, (width_px - 1) / 2) if about_centre else (0, 0)
+    x, y = x - centre_x, y - centre_y
+
+    source_x = torch.round(a * x + b * y + c + centre_x).long()  # [B, H, W]
+    source_y = torch.round(d * x + e * y + f + centre_y).long()
+    inside = (source_x >= 0) & (source_x < width_px) & (source_y >= 0) & (source_y < height_px)
+    flat = torch.where(inside, source_y * width_px + source_x, 0)  # outside: any valid index
+
+    pixels = images.reshape(batch, channels, height_px * width_px)
+    index = flat.reshape(batch, 1, -1).expand(-1, channels, -1)
+    sampled = pixels.gather(2, index).reshape(images.shape)
+    return torch.where(inside[:, None], sampled, torch.zeros((), dtype=images.dtype))
 
 
 def _randint(
