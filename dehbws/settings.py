@@ -15,6 +15,8 @@ from dehbws.errors import UserError
 SplitName = Literal["jahs", "official"]
 SPLIT_NAMES: tuple[str, ...] = ("jahs", "official")
 RESOLUTIONS: tuple[float, ...] = (0.25, 0.5, 1.0)
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
+DEVICE_TYPES: tuple[str, ...] = ("cpu", "cuda")
 
 
 @dataclass(frozen=True)
@@ -65,7 +67,13 @@ class DataSettings:
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """The JAHS-Bench-201 training recipe's fixed parts."""
+    """The JAHS-Bench-201 training recipe's fixed parts, and how fast it runs.
+
+    The fast-path options change speed, not the recipe: `channels_last` stores activations
+    NHWC (what GPU convolution kernels prefer), `precision` "bf16" runs the forward pass under
+    bfloat16 autocast (weights, optimiser and loss stay float32), and `compile` wraps the
+    network in `torch.compile`. They work on the CPU too, through the same code.
+    """
 
     batch_size: int = 256
     schedule_epochs: int = 200
@@ -73,17 +81,37 @@ class TrainSettings:
     bn_recalibration_batches: int = 10
     device: str = "cpu"
     num_threads: int = 0
+    channels_last: bool = False
+    precision: str = "fp32"
+    compile: bool = False
 
     def __post_init__(self) -> None:
         _check_int("batch_size", self.batch_size, minimum=1)
         _check_int("schedule_epochs", self.schedule_epochs, minimum=1)
         _check_int("bn_recalibration_batches", self.bn_recalibration_batches, minimum=0)
         _check_int("num_threads", self.num_threads, minimum=0)
+        if not isinstance(self.device, str) or self.device.split(":")[0] not in DEVICE_TYPES:
+            raise UserError(
+                f"device is {self.device!r}, but must be 'cpu', 'cuda' or 'cuda:N' "
+                "(--device cpu or --device cuda)."
+            )
+        _check_bool("channels_last", self.channels_last)
+        _check_bool("compile", self.compile)
+        if self.precision not in PRECISIONS:
+            raise UserError(
+                f"precision is {self.precision!r}, but must be one of {list(PRECISIONS)}: "
+                "'fp32' trains in float32, 'bf16' under bfloat16 autocast (--precision bf16)."
+            )
 
 
 def _check_int(name: str, value: Any, *, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise UserError(f"{name} is {value!r}, but must be an integer >= {minimum}.")
+
+
+def _check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise UserError(f"{name} is {value!r}, but must be true or false.")
 
 
 def to_plain(settings: Any) -> dict[str, Any]:

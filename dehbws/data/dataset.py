@@ -30,6 +30,21 @@ class ImageSplit:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
+    @property
+    def device(self) -> torch.device:
+        return self.images.device
+
+    def to(self, device: torch.device | str) -> ImageSplit:
+        """This split on `device` (itself if it is there already).
+
+        A split held on the GPU keeps every batch there: shuffling, augmentation and the
+        forward pass then never wait for a host-to-device copy.
+        """
+        target, here = torch.device(device), self.images.device
+        if here.type == target.type and target.index in (None, here.index):
+            return self
+        return ImageSplit(images=self.images.to(target), labels=self.labels.to(target))
+
 
 @dataclass(frozen=True)
 class FashionMNIST:
@@ -39,6 +54,15 @@ class FashionMNIST:
     valid: ImageSplit
     test: ImageSplit
     side_px: int
+
+    def to(self, device: torch.device | str) -> FashionMNIST:
+        """Every split on `device` (see `ImageSplit.to`)."""
+        return FashionMNIST(
+            train=self.train.to(device),
+            valid=self.valid.to(device),
+            test=self.test.to(device),
+            side_px=self.side_px,
+        )
 
 
 def iterate_batches(
@@ -60,8 +84,10 @@ def iterate_batches(
     stop = num_images - num_images % batch_size if drop_last else num_images
     order = None
     if shuffle:
+        # Drawn on the generator's device (the CPU, so every device sees the same order), then
+        # moved to the split's device once per pass rather than once per batch.
         device = generator.device if generator is not None else torch.device("cpu")
-        order = torch.randperm(num_images, generator=generator, device=device)
+        order = torch.randperm(num_images, generator=generator, device=device).to(split.device)
 
     for start in range(0, stop, batch_size):
         if order is None:
@@ -70,5 +96,5 @@ def iterate_batches(
                 split.labels[start : start + batch_size],
             )
         else:
-            batch_indices = order[start : start + batch_size].to(split.images.device)
+            batch_indices = order[start : start + batch_size]
             yield split.images[batch_indices], split.labels[batch_indices]
