@@ -189,7 +189,7 @@ def _train_and_evaluate(spec: TaskSpec, *, epoch_delay_s: float = 0.0) -> dict[s
     # Data: prepared once by the coordinator; the task only reads the cached file.
     dataset = load_dataset(
         spec.data, resolution=spec.network.resolution, cache_dir=spec.data_cache_dir
-    )
+    ).to(spec.train.device)  # held on the training device for the whole task
 
     # Network: a real discrete subnet. It continues from its own checkpoint when an earlier
     # start of this task left one; otherwise, with weight sharing, it starts from the supernet.
@@ -240,6 +240,7 @@ def _train_and_evaluate(spec: TaskSpec, *, epoch_delay_s: float = 0.0) -> dict[s
             time.sleep(epoch_delay_s)
 
     # Evaluate with statistics measured on clean training images.
+    evaluate_started = time.monotonic()
     recalibrate_batchnorm(model, dataset.train, settings=spec.train, seed=spec.seed)
     valid = evaluate(model, dataset.valid, settings=spec.train)
     outcome: dict[str, Any] = {
@@ -247,6 +248,7 @@ def _train_and_evaluate(spec: TaskSpec, *, epoch_delay_s: float = 0.0) -> dict[s
         "valid_error": valid.error,
         "valid_loss": valid.loss,
         "train_seconds": progress.train_seconds,
+        "evaluate_seconds": time.monotonic() - evaluate_started,
         "images_seen": progress.images_seen,
         "resumed_from_epoch": None if saved is None else saved.next_epoch,
         "parameters": count_parameters(model),

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from dehbws.errors import UserError
+
 
 @dataclass(frozen=True)
 class ImageSplit:
@@ -43,6 +45,11 @@ class ImageSplit:
         target, here = torch.device(device), self.images.device
         if here.type == target.type and target.index in (None, here.index):
             return self
+        if target.type == "cuda" and not torch.cuda.is_available():
+            raise UserError(
+                f"device is {str(device)!r}, but CUDA is not available on this machine; use "
+                "device 'cpu' or run the task on a GPU node."
+            )
         return ImageSplit(images=self.images.to(target), labels=self.labels.to(target))
 
 
