@@ -114,6 +114,23 @@ def _search_options(function: Any) -> Any:
         ),
         click.option("--device", type=str, default=None, help="Training device: cpu or cuda."),
         click.option(
+            "--channels-last/--no-channels-last",
+            default=None,
+            help="Store activations NHWC (faster convolutions on a GPU).",
+        ),
+        click.option(
+            "--precision",
+            type=click.Choice(["fp32", "bf16"]),
+            default=None,
+            help="fp32, or bf16 autocast for the forward pass (GPUs since Ampere).",
+        ),
+        click.option(
+            "--compile/--no-compile",
+            "compile_model",
+            default=None,
+            help="Wrap the network in torch.compile (minutes of compiling per task).",
+        ),
+        click.option(
             "--cache-dir",
             type=click.Path(path_type=Path),
             default=None,
@@ -215,7 +232,15 @@ def _settings_from_options(base: RunSettings, options: dict[str, Any]) -> RunSet
     data = pick(
         base.data, {"data_dir": "data_dir", "split": "split", "subset_fraction": "subset_fraction"}
     )
-    train = pick(base.train, {"device": "device"})
+    train = pick(
+        base.train,
+        {
+            "device": "device",
+            "channels_last": "channels_last",
+            "precision": "precision",
+            "compile_model": "compile",
+        },
+    )
     top = {key: options[key] for key in ("executor",) if options.get(key) is not None}
     if options.get("max_parallel") is not None:
         top["max_parallel_tasks"] = options["max_parallel"]
