@@ -1,0 +1,365 @@
+"""`dehbws submit` and the SLURM executor against the development cluster.
+
+Every test runs the tiny preset on real data through real array jobs: a search with an injected
+failure that is retried, a task cancelled with scancel, a coordinator killed mid-rung and
+restarted, a task requeued through submitit's preemption path, and a request sbatch refuses.
+Run with `python -m pytest tests/slurm -m slurm` after `bash slurm/start-dev-cluster.sh
+--fake-gpus 2`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import submitit
+
+from dehbws.executors.base import TaskOutcome
+from dehbws.executors.slurm import JOBS_FILE, SlurmExecutor
+from dehbws.executors.slurm_settings import SlurmSettings
+from dehbws.presets import preset
+from dehbws.run_folder import read_json
+from dehbws.schedule import WORST_FITNESS
+from dehbws.space import build_space, to_plain
+from dehbws.store import read_tensors
+from dehbws.task import TaskSpec, run_task
+from dehbws.task_checkpoint import checkpoint_path
+
+from .conftest import SlurmCluster
+
+pytestmark = pytest.mark.slurm
+
+# One rung of three 1-epoch subnets (and, with 4 evaluations, one 3-epoch promotion).
+TINY_SEARCH = ["--preset", "tiny", "--warmup-epochs", "0", "--finetune-epochs", "0"]
+RUN_TIMEOUT_S = 240.0
+
+
+def dehbws(*args: str) -> list[str]:
+    """The command line of `dehbws ARGS`."""
+    return [sys.executable, "-m", "dehbws.cli", *args]
+
+
+def environment(faults: list[dict[str, Any]] | None = None) -> dict[str, str]:
+    """This environment with the injected faults (sbatch hands it on to the tasks)."""
+    env = {key: value for key, value in os.environ.items() if key != "DEHBWS_FAULT_INJECT"}
+    if faults:
+        env["DEHBWS_FAULT_INJECT"] = json.dumps(faults)
+    return env
+
+
+def run_dehbws(
+    *args: str, faults: list[dict[str, Any]] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        dehbws(*args),
+        capture_output=True,
+        text=True,
+        env=environment(faults),
+        timeout=RUN_TIMEOUT_S,
+    )
+
+
+def start_dehbws(run_dir: Path, *args: str, faults: list[dict[str, Any]]) -> subprocess.Popen[str]:
+    """`dehbws ARGS` in the background, its output in RUN_DIR's parent."""
+    output = (run_dir.parent / f"{run_dir.name}-coordinator.out").open("a")
+    return subprocess.Popen(
+        dehbws(*args),
+        stdout=output,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=environment(faults),
+    )
+
+
+def wait_for(what: str, condition: Any, timeout_s: float = 120.0, poll_s: float = 0.5) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what} did not happen within {timeout_s:.0f} s")
+        time.sleep(poll_s)
+
+
+def jobs_of(run_dir: Path, batch: int) -> dict[str, Any]:
+    return dict(read_json(run_dir / "batches" / f"{batch:04d}" / JOBS_FILE))
+
+
+def history(run_dir: Path) -> dict[int, dict[str, Any]]:
+    lines = (run_dir / "history.jsonl").read_text().splitlines()
+    return {record["evaluation"]: record for record in map(json.loads, lines)}
+
+
+def sacct_tasks(array_job_id: str) -> dict[str, tuple[str, str]]:
+    """Each task of an array job as sacct lists it: id -> (job name, state)."""
+    out = subprocess.run(
+        ["sacct", "-j", array_job_id, "-X", "-n", "-P", "-o", "JobID,JobName,State"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    ).stdout
+    rows = [line.split("|") for line in out.splitlines() if line]
+    return {job_id: (name, state) for job_id, name, state in rows}
+
+
+def squeue_state(job_id: str) -> str:
+    return subprocess.run(
+        ["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True, timeout=30
+    ).stdout.strip()
+
+
+def result_path(run_dir: Path, batch: int, evaluation: int) -> Path:
+    return run_dir / "batches" / f"{batch:04d}" / "results" / f"e{evaluation:05d}.json"
+
+
+@pytest.mark.usefixtures("slurm_cluster")
+def test_submit_runs_each_rung_as_one_array_job_and_retries_a_failure(tmp_path: Path) -> None:
+    run_dir = tmp_path / "search"
+    faults = [
+        {"action": "raise", "batch": 0, "evaluation": 0, "times": 1},  # retried, then fine
+        {"action": "raise", "batch": 0, "evaluation": 1, "times": 2},  # fails both attempts
+    ]
+
+    result = run_dehbws(
+        "submit",
+        *TINY_SEARCH,
+        "--fevals",
+        "4",
+        "--max-retries",
+        "1",
+        "--run-dir",
+        str(run_dir),
+        "--partition",
+        "debug",
+        "--gpus-per-task",
+        "0",
+        "--cpus-per-task",
+        "1",
+        faults=faults,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    # The search went on past the failure: e1 is recorded with the worst fitness.
+    lines = history(run_dir)
+    assert sorted(lines) == [0, 1, 2, 3]
+    assert [lines[e]["status"] for e in (0, 2, 3)] == ["ok"] * 3
+    assert lines[1]["status"] == "failed"
+    assert lines[1]["fitness"] == WORST_FITNESS
+    assert "InjectedFault" in lines[1]["error"]
+
+    # The rung was one array of three tasks; the retry one array of the two that failed.
+    rung = jobs_of(run_dir, 0)
+    assert [array["tasks"] for array in rung["arrays"]] == [3, 2]
+    assert {key: len(ids) for key, ids in rung["tasks"].items()} == {
+        "e00000": 2,
+        "e00001": 2,
+        "e00002": 1,
+    }
+    first_array = rung["arrays"][0]["array_job_id"]
+    assert [rung["tasks"][f"e0000{e}"][0] for e in range(3)] == [
+        f"{first_array}_{task}" for task in range(3)
+    ]
+    tasks = sacct_tasks(first_array)
+    assert set(tasks) == {f"{first_array}_{task}" for task in range(3)}
+    assert {name for name, _ in tasks.values()} == {"dehbws-search-b0000"}
+    assert sorted(state for _, state in tasks.values()) == ["COMPLETED", "FAILED", "FAILED"]
+    promotion = jobs_of(run_dir, 1)
+    assert [array["tasks"] for array in promotion["arrays"]] == [1]
+
+    # Each task's log is named by its job and task id; the coordinator names the failed one's.
+    log_dir = run_dir / "logs" / "tasks"
+    failed_log = log_dir / f"{rung['tasks']['e00001'][-1]}_0_log.err"
+    assert failed_log.exists()
+    assert "InjectedFault" in failed_log.read_text()
+    coordinator_log = (run_dir / "logs" / "coordinator.log").read_text()
+    assert f"(log: {failed_log})" in coordinator_log
+    assert "InjectedFault: injected fault in search e00001" in coordinator_log
+    submission = (log_dir / f"{first_array}_submission.sh").read_text()
+    assert "export HDF5_USE_FILE_LOCKING=FALSE" in submission
+    assert read_json(run_dir / "executor.json")["slurm"]["partition"] == "debug"
+
+
+@pytest.mark.usefixtures("slurm_cluster")
+def test_a_cancelled_task_is_retried(tmp_path: Path) -> None:
+    run_dir = tmp_path / "cancel"
+    faults = [{"action": "sleep", "batch": 0, "evaluation": 1, "seconds": 300, "times": 1}]
+    coordinator = start_dehbws(
+        run_dir,
+        "submit",
+        *TINY_SEARCH,
+        "--fevals",
+        "3",
+        "--max-retries",
+        "1",
+        "--run-dir",
+        str(run_dir),
+        "--gpus-per-task",
+        "0",
+        faults=faults,
+    )
+    try:
+        jobs_file = run_dir / "batches" / "0000" / JOBS_FILE
+        wait_for("the rung's submission", jobs_file.exists)
+        sleeper = jobs_of(run_dir, 0)["tasks"]["e00001"][0]
+        wait_for(f"task {sleeper} running", lambda: squeue_state(sleeper) == "RUNNING")
+        subprocess.run(["scancel", sleeper], check=True, timeout=30)
+        assert coordinator.wait(timeout=RUN_TIMEOUT_S) == 0
+    finally:
+        coordinator.kill()
+
+    lines = history(run_dir)
+    assert [lines[e]["status"] for e in range(3)] == ["ok"] * 3
+    attempts = jobs_of(run_dir, 0)["tasks"]["e00001"]
+    assert len(attempts) == 2 and attempts[0] == sleeper
+    assert read_json(result_path(run_dir, 0, 1))["slurm_job"] == attempts[1]
+    coordinator_log = (run_dir / "logs" / "coordinator.log").read_text()
+    assert f"job {sleeper} ended CANCELLED" in coordinator_log
+    assert "retrying 1 failed tasks" in coordinator_log
+
+
+def test_a_restarted_coordinator_reattaches_without_resubmitting(
+    gpu_cluster: SlurmCluster, tmp_path: Path
+) -> None:
+    # GPU tasks on the fake GPUs: two run at a time, and each sees its own device.
+    run_dir = tmp_path / "reattach"
+    faults = [{"action": "sleep", "batch": 0, "evaluation": 0, "seconds": 40, "times": 1}]
+    gpu_request = ["--partition", "gpu", "--gpus-per-task", "1", "--device", "cpu"]
+    first = start_dehbws(
+        run_dir,
+        "submit",
+        *TINY_SEARCH,
+        "--fevals",
+        "3",
+        "--run-dir",
+        str(run_dir),
+        *gpu_request,
+        faults=faults,
+    )
+    try:
+        finished = [result_path(run_dir, 0, e) for e in (1, 2)]
+        wait_for("e1 and e2 finishing", lambda: all(p.exists() for p in finished), 150)
+        assert not result_path(run_dir, 0, 0).exists(), "e0 finished before the kill"
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=30)
+    finally:
+        first.kill()
+    before = jobs_of(run_dir, 0)
+    assert squeue_state(before["tasks"]["e00000"][0]) == "RUNNING"
+
+    restarted = run_dehbws("submit", "--resume", str(run_dir), faults=faults)
+    assert restarted.returncode == 0, restarted.stderr[-3000:]
+
+    # Nothing was submitted again: the same array, one job per task.
+    after = jobs_of(run_dir, 0)
+    assert after == before
+    assert all(len(ids) == 1 for ids in after["tasks"].values())
+    lines = history(run_dir)
+    assert [lines[e]["status"] for e in range(3)] == ["ok"] * 3
+    assert read_json(result_path(run_dir, 0, 0))["slurm_job"] == before["tasks"]["e00000"][0]
+    assert "reattached to 1 tasks" in restarted.stderr
+    assert "reusing 2 finished tasks" in restarted.stderr
+    for evaluation in range(3):
+        devices = read_json(result_path(run_dir, 0, evaluation))["cuda_visible_devices"]
+        assert devices is not None and len(devices.split(",")) == 1, devices
+
+
+def tiny_spec(folder: Path, cache_dir: Path, name: str) -> TaskSpec:
+    """A 3-epoch training from scratch of one tiny subnet, on one thread."""
+    settings = preset("tiny")
+    config = to_plain(build_space(seed=3).sample_configuration())
+    return TaskSpec(
+        kind="scratch",
+        batch=0,
+        evaluation=0,
+        config=config,
+        base_version=None,
+        base_supernet=None,
+        start_epoch=0,
+        end_epoch=3,
+        seed=11,
+        shard=str(folder / f"{name}.h5"),
+        result=str(folder / f"{name}.json"),
+        network=settings.network,
+        data=settings.data,
+        train=dataclasses.replace(settings.train, num_threads=1),
+        data_cache_dir=str(cache_dir),
+    )
+
+
+@pytest.mark.usefixtures("slurm_cluster")
+def test_a_requeued_task_resumes_from_its_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dehbws.data import prepare_dataset
+
+    settings = preset("tiny")
+    cache_dir = tmp_path / "data"
+    prepare_dataset(settings.data, resolution=settings.network.resolution, cache_dir=cache_dir)
+    spec = tiny_spec(tmp_path / "slurm", cache_dir, "requeued")
+    slow = {"action": "slow_epochs", "kind": "scratch", "evaluation": 0, "seconds": 8}
+    monkeypatch.setenv("DEHBWS_FAULT_INJECT", json.dumps([slow]))
+    executor = SlurmExecutor(
+        SlurmSettings(partition="debug", gpus_per_task=0, cpus_per_task=1, time_min=10),
+        tmp_path / "logs",
+        run_name="requeue",
+        poll_interval_s=1.0,
+        sacct_interval_s=3.0,
+    )
+
+    outcomes: list[TaskOutcome] = []
+    state_dir = tmp_path / "state"
+    waiter = threading.Thread(
+        target=executor.run_batch, args=([spec], outcomes.append), kwargs={"state_dir": state_dir}
+    )
+    waiter.start()
+    try:
+        # Interrupt it while it sleeps after its first epoch, as SLURM's preemption would.
+        wait_for("the first epoch's checkpoint", checkpoint_path(spec).exists, 150)
+        job_id = read_json(state_dir / JOBS_FILE)["tasks"]["requeued"][0]
+        submitit.SlurmJob(folder=tmp_path / "logs", job_id=job_id)._interrupt()
+    finally:
+        waiter.join(timeout=RUN_TIMEOUT_S)
+    assert not waiter.is_alive(), "the executor still waits for the requeued task"
+
+    assert len(outcomes) == 1 and outcomes[0].succeeded, outcomes
+    record = outcomes[0].record
+    assert record is not None
+    assert record["slurm_job"] == job_id
+    assert record["restarts"] >= 1
+    assert record["resumed_from_epoch"] in (1, 2)
+    assert "requeueing, it resumes from its checkpoint" in Path(outcomes[0].log_path).read_text()
+    assert not checkpoint_path(spec).exists()
+
+    # The same task without an interruption ends with the same weights and error.
+    monkeypatch.delenv("DEHBWS_FAULT_INJECT")
+    plain = tiny_spec(tmp_path / "plain", cache_dir, "uninterrupted")
+    expected = run_task(plain)
+    assert record["valid_error"] == expected["valid_error"]
+    resumed_weights = read_tensors(Path(spec.shard))  # type: ignore[arg-type]
+    plain_weights = read_tensors(Path(plain.shard))  # type: ignore[arg-type]
+    assert resumed_weights.keys() == plain_weights.keys()
+    for name, value in plain_weights.items():
+        np.testing.assert_array_equal(resumed_weights[name], value, err_msg=name)
+
+
+@pytest.mark.usefixtures("slurm_cluster")
+def test_a_request_sbatch_refuses_exits_2_before_the_run_folder_exists(tmp_path: Path) -> None:
+    run_dir = tmp_path / "refused"
+
+    result = run_dehbws(
+        "submit", *TINY_SEARCH, "--run-dir", str(run_dir), "--partition", "no-such-partition"
+    )
+
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "sbatch refuses" in result.stderr and "partition" in result.stderr.lower()
+    assert not run_dir.exists()
