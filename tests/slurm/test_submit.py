@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -121,6 +122,11 @@ def result_path(run_dir: Path, batch: int, evaluation: int) -> Path:
     return run_dir / "batches" / f"{batch:04d}" / "results" / f"e{evaluation:05d}.json"
 
 
+def fault_fired(run_dir: Path, batch: int, evaluation: int) -> Any:
+    """Whether the task started and counted its injected fault (see dehbws.task_faults)."""
+    return result_path(run_dir, batch, evaluation).with_suffix(".faults").exists
+
+
 @pytest.mark.usefixtures("slurm_cluster")
 def test_submit_runs_each_rung_as_one_array_job_and_retries_a_failure(tmp_path: Path) -> None:
     run_dir = tmp_path / "search"
@@ -210,7 +216,8 @@ def test_a_cancelled_task_is_retried(tmp_path: Path) -> None:
         jobs_file = run_dir / "batches" / "0000" / JOBS_FILE
         wait_for("the rung's submission", jobs_file.exists)
         sleeper = jobs_of(run_dir, 0)["tasks"]["e00001"][0]
-        wait_for(f"task {sleeper} running", lambda: squeue_state(sleeper) == "RUNNING")
+        # Cancelled once its fault fired (the start is counted), so that the retry runs plainly.
+        wait_for(f"task {sleeper} sleeping", fault_fired(run_dir, 0, 1))
         subprocess.run(["scancel", sleeper], check=True, timeout=30)
         assert coordinator.wait(timeout=RUN_TIMEOUT_S) == 0
     finally:
@@ -231,7 +238,7 @@ def test_a_restarted_coordinator_reattaches_without_resubmitting(
 ) -> None:
     # GPU tasks on the fake GPUs: two run at a time, and each sees its own device.
     run_dir = tmp_path / "reattach"
-    faults = [{"action": "sleep", "batch": 0, "evaluation": 0, "seconds": 40, "times": 1}]
+    faults = [{"action": "sleep", "batch": 0, "evaluation": 0, "seconds": 60, "times": 1}]
     gpu_request = ["--partition", "gpu", "--gpus-per-task", "1", "--device", "cpu"]
     first = start_dehbws(
         run_dir,
@@ -245,14 +252,15 @@ def test_a_restarted_coordinator_reattaches_without_resubmitting(
         faults=faults,
     )
     try:
-        finished = [result_path(run_dir, 0, e) for e in (1, 2)]
-        wait_for("e1 and e2 finishing", lambda: all(p.exists() for p in finished), 150)
-        assert not result_path(run_dir, 0, 0).exists(), "e0 finished before the kill"
+        # Killed mid-rung: e0 sleeps in its task, e1 has finished, e2 is queued or running.
+        e1_done = result_path(run_dir, 0, 1).exists
+        wait_for("e0 sleeping and e1 finished", lambda: fault_fired(run_dir, 0, 0)() and e1_done())
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=30)
     finally:
         first.kill()
     before = jobs_of(run_dir, 0)
+    assert not result_path(run_dir, 0, 0).exists(), "e0 finished before the kill"
     assert squeue_state(before["tasks"]["e00000"][0]) == "RUNNING"
 
     restarted = run_dehbws("submit", "--resume", str(run_dir), faults=faults)
@@ -261,12 +269,18 @@ def test_a_restarted_coordinator_reattaches_without_resubmitting(
     # Nothing was submitted again: the same array, one job per task.
     after = jobs_of(run_dir, 0)
     assert after == before
+    assert [array["tasks"] for array in after["arrays"]] == [3]
     assert all(len(ids) == 1 for ids in after["tasks"].values())
     lines = history(run_dir)
     assert [lines[e]["status"] for e in range(3)] == ["ok"] * 3
-    assert read_json(result_path(run_dir, 0, 0))["slurm_job"] == before["tasks"]["e00000"][0]
-    assert "reattached to 1 tasks" in restarted.stderr
-    assert "reusing 2 finished tasks" in restarted.stderr
+    for evaluation in range(3):
+        key = f"e{evaluation:05d}"
+        record = read_json(result_path(run_dir, 0, evaluation))
+        assert record["slurm_job"] == before["tasks"][key][0]
+    reattached = re.search(r"reattached to (\d) tasks", restarted.stderr)
+    reused = re.search(r"reusing (\d) finished tasks", restarted.stderr)
+    assert reattached and reused, restarted.stderr[-3000:]
+    assert int(reattached[1]) + int(reused[1]) == 3
     for evaluation in range(3):
         devices = read_json(result_path(run_dir, 0, evaluation))["cuda_visible_devices"]
         assert devices is not None and len(devices.split(",")) == 1, devices
