@@ -36,6 +36,7 @@ from dehbws.store import read_tensors
 from dehbws.task import TaskSpec, run_task
 from dehbws.task_checkpoint import checkpoint_path
 
+from . import jobs
 from .conftest import SlurmCluster
 
 pytestmark = pytest.mark.slurm
@@ -377,3 +378,47 @@ def test_a_request_sbatch_refuses_exits_2_before_the_run_folder_exists(tmp_path:
     assert "Traceback" not in result.stderr
     assert "sbatch refuses" in result.stderr and "partition" in result.stderr.lower()
     assert not run_dir.exists()
+
+
+STAND_IN_APPTAINER = """#!/bin/bash
+# Stands in for apptainer: notes its arguments, checks the image, runs the command after it.
+printf '%s\\n' "$*" >> "{record}"
+[[ "$1" == exec ]] || exit 64
+shift
+while [[ "$1" == --* ]]; do
+  if [[ "$1" == --bind ]]; then shift 2; else shift; fi
+done
+[[ -f "$1" ]] || {{ echo "no image $1" >&2; exit 65; }}
+shift
+[[ "$1" == python ]] || exit 66
+shift
+exec "{python}" "$@"
+"""
+
+
+def test_container_tasks_start_through_apptainer_exec(
+    gpu_cluster: SlurmCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Apptainer itself cannot be installed here: a stand-in checks the command line the tasks
+    # run under srun and starts this Python, so the task really runs through it.
+    bin_dir, record = tmp_path / "bin", tmp_path / "apptainer-calls.txt"
+    bin_dir.mkdir()
+    shim = bin_dir / "apptainer"
+    shim.write_text(STAND_IN_APPTAINER.format(record=record, python=sys.executable))
+    shim.chmod(0o755)
+    image = tmp_path / "dehbws.sif"
+    image.write_bytes(b"image")
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    run_dir = tmp_path / "run"
+    settings = SlurmSettings(partition="gpu", gpus_per_task=1, container=str(image))
+    executor = SlurmExecutor(settings, tmp_path / "logs", binds=[run_dir])
+
+    job = executor.submitit_executor("dehbws-container").submit(jobs.visible_gpus)
+
+    wait_for("the container task", lambda: job.done(force_check=True), 120, poll_s=1.0)
+    assert job.result(), "the task in the container saw no GPU"
+    calls = record.read_text().splitlines()
+    assert calls == [
+        f"exec --nv --bind {tmp_path / 'logs'},{run_dir} {image} python -u -m "
+        f"submitit.core._submit {tmp_path / 'logs'}"
+    ]
