@@ -16,7 +16,13 @@ from submitit.slurm.slurm import _make_sbatch_string
 
 from dehbws.errors import UserError
 from dehbws.executors import make_executor
-from dehbws.executors.slurm import JobStore, SlurmExecutor, _raised, parse_max_array_size
+from dehbws.executors.slurm import (
+    JobStore,
+    SlurmExecutor,
+    _raised,
+    parse_max_array_size,
+    task_submission_environment,
+)
 from dehbws.executors.slurm_settings import (
     EXECUTOR_FILE,
     SlurmSettings,
@@ -341,3 +347,24 @@ def test_submit_without_sbatch_says_where_to_run_it(tmp_path: Path) -> None:
     assert result.returncode == 2, result.stderr
     assert "sbatch is not on PATH" in result.stderr and "dehbws run" in result.stderr
     assert not run_dir.exists()
+
+
+def test_tasks_do_not_inherit_the_allocation_of_a_coordinator_job(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name, value in {
+        "SLURM_JOB_ID": "48",
+        "SLURM_MEM_PER_NODE": "2048",
+        "SLURMD_NODENAME": "vm",
+        "SLURM_CONF": "/etc/slurm/slurm.conf",
+        "SBATCH_ACCOUNT": "proj",
+    }.items():
+        monkeypatch.setenv(name, value)
+
+    env = task_submission_environment()
+
+    assert "SLURM_JOB_ID" not in env and "SLURM_MEM_PER_NODE" not in env
+    assert "SLURMD_NODENAME" not in env
+    assert env["SLURM_CONF"] == "/etc/slurm/slurm.conf" and env["SBATCH_ACCOUNT"] == "proj"
+    assert env["PATH"] == os.environ["PATH"]
+    assert os.environ["SLURM_MEM_PER_NODE"] == "2048", "the coordinator's own view changed"

@@ -13,16 +13,18 @@ tasks that were cancelled, killed or ran out of time or memory.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import logging
+import os
 import re
 import shutil
 import subprocess
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -183,7 +185,11 @@ class SlurmExecutor(Executor):
             file.write(script)
             file.flush()
             answer = subprocess.run(
-                ["sbatch", "--test-only", file.name], capture_output=True, text=True, timeout=120
+                ["sbatch", "--test-only", file.name],
+                capture_output=True,
+                text=True,
+                timeout=120,
+                env=task_submission_environment(),
             )
         if answer.returncode != 0:
             raise UserError(
@@ -281,7 +287,8 @@ class SlurmExecutor(Executor):
         executor.update_parameters(array_parallelism=self.settings.array_parallelism or len(specs))
         submitted_at = time.time()
         try:
-            jobs = executor.map_array(TaskRunner(), specs)
+            with _submission_environment():
+                jobs = executor.map_array(TaskRunner(), specs)
         except (FailedJobError, FailedSubmissionError) as error:
             raise UserError(
                 f"sbatch refused the array job {job_name} ({self.describe()}): "
@@ -328,6 +335,41 @@ class SlurmExecutor(Executor):
         progress.close()
 
 
+# What a job's environment says about the job itself; sbatch reads the user's settings from
+# SBATCH_* variables and the configuration from SLURM_CONF, which stay.
+_KEPT_SLURM_VARIABLES = frozenset({"SLURM_CONF", "SLURM_CLUSTERS", "SLURM_TIME_FORMAT"})
+
+
+def task_submission_environment() -> dict[str, str]:
+    """This process's environment without the SLURM_* variables of the job it runs in.
+
+    sbatch hands the submitting environment on to the tasks, and a coordinator that runs as a
+    SLURM job (slurm/coordinator.sbatch) would pass its own allocation along: srun in a task
+    then finds, for example, the coordinator's SLURM_MEM_PER_NODE beside the task's
+    SLURM_MEM_PER_CPU and refuses to start.
+    """
+    return {
+        name: value
+        for name, value in os.environ.items()
+        if not name.startswith(("SLURM_", "SLURMD_")) or name in _KEPT_SLURM_VARIABLES
+    }
+
+
+@contextlib.contextmanager
+def _submission_environment() -> Iterator[None]:
+    """Submit (submitit runs sbatch itself) with `task_submission_environment()`."""
+    saved = dict(os.environ)
+    dropped = set(saved) - set(task_submission_environment())
+    if dropped:
+        logger.debug("submitting without this job's variables %s", sorted(dropped))
+    for name in dropped:
+        del os.environ[name]
+    try:
+        yield
+    finally:
+        os.environ.update({name: saved[name] for name in dropped})
+
+
 def _state(task: _Waiting) -> str:
     """The job's state from the last sacct call (no new call)."""
     return str(task.job.watcher.get_state(task.job.job_id, mode="cache"))
@@ -365,10 +407,12 @@ def _outcome(task: _Waiting) -> TaskOutcome:
         first = f"{_raised(tail)} (job {job.job_id})"
     else:
         state = job.watcher.get_state(job.job_id, mode="force")
-        first = (
-            f"job {job.job_id} ended {state} without a result (cancelled, killed, out of "
-            "memory or out of time)"
+        why = (
+            "it failed before Python started or outside it; see its log"
+            if state.startswith("FAILED")
+            else "cancelled, killed, out of memory or out of time"
         )
+        first = f"job {job.job_id} ended {state} without a result ({why})"
     return TaskOutcome(task.spec, None, "\n".join([first, *tail]), log_path)
 
 

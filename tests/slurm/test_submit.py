@@ -54,6 +54,8 @@ def dehbws(*args: str) -> list[str]:
 def environment(faults: list[dict[str, Any]] | None = None) -> dict[str, str]:
     """This environment with the injected faults (sbatch hands it on to the tasks)."""
     env = {key: value for key, value in os.environ.items() if key != "DEHBWS_FAULT_INJECT"}
+    # The coordinator job finds `dehbws` beside this Python.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     if faults:
         env["DEHBWS_FAULT_INJECT"] = json.dumps(faults)
     return env
@@ -81,6 +83,36 @@ def start_dehbws(run_dir: Path, *args: str, faults: list[dict[str, Any]]) -> sub
         text=True,
         env=environment(faults),
     )
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def submit_coordinator(folder: Path, *args: str, faults: list[dict[str, Any]]) -> str:
+    """sbatch slurm/coordinator.sbatch ARGS from `folder`; returns the coordinator's job id."""
+    answer = subprocess.run(
+        ["sbatch", "--parsable", "--mem=2G", str(REPO / "slurm" / "coordinator.sbatch"), *args],
+        capture_output=True,
+        text=True,
+        cwd=folder,
+        env=environment(faults),
+        timeout=60,
+        check=True,
+    )
+    return answer.stdout.strip().split(";")[0]
+
+
+def wait_for_job_end(job_id: str, timeout_s: float) -> str:
+    """The state a (non-array) job ended in, from sacct."""
+    ended: list[str] = []
+
+    def has_ended() -> bool:
+        state = sacct_tasks(job_id).get(job_id, ("", "PENDING"))[1]
+        ended[:] = [state]
+        return state not in ("PENDING", "RUNNING", "REQUEUED", "COMPLETING")
+
+    wait_for(f"job {job_id} ending", has_ended, timeout_s, poll_s=2.0)
+    return ended[0]
 
 
 def wait_for(what: str, condition: Any, timeout_s: float = 120.0, poll_s: float = 0.5) -> None:
@@ -197,11 +229,11 @@ def test_submit_runs_each_rung_as_one_array_job_and_retries_a_failure(tmp_path: 
 
 @pytest.mark.usefixtures("slurm_cluster")
 def test_a_cancelled_task_is_retried(tmp_path: Path) -> None:
+    # The coordinator runs as a SLURM job itself, through slurm/coordinator.sbatch.
     run_dir = tmp_path / "cancel"
     faults = [{"action": "sleep", "batch": 0, "evaluation": 1, "seconds": 300, "times": 1}]
-    coordinator = start_dehbws(
-        run_dir,
-        "submit",
+    coordinator = submit_coordinator(
+        tmp_path,
         *TINY_SEARCH,
         "--fevals",
         "3",
@@ -220,9 +252,11 @@ def test_a_cancelled_task_is_retried(tmp_path: Path) -> None:
         # Cancelled once its fault fired (the start is counted), so that the retry runs plainly.
         wait_for(f"task {sleeper} sleeping", fault_fired(run_dir, 0, 1))
         subprocess.run(["scancel", sleeper], check=True, timeout=30)
-        assert coordinator.wait(timeout=RUN_TIMEOUT_S) == 0
+        state = wait_for_job_end(coordinator, RUN_TIMEOUT_S)
     finally:
-        coordinator.kill()
+        subprocess.run(["scancel", coordinator], timeout=30)
+    output = "\n".join(path.read_text() for path in tmp_path.glob("*.out"))
+    assert state == "COMPLETED", output[-3000:]
 
     lines = history(run_dir)
     assert [lines[e]["status"] for e in range(3)] == ["ok"] * 3
