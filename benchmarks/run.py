@@ -68,7 +68,7 @@ def overhead_rows(args: argparse.Namespace, cache_dir: Path) -> list[Row]:
 
 def averaging_rows(args: argparse.Namespace, cache_dir: Path) -> list[Row]:
     if args.quick:
-        return averaging.measure([1, 3], width=2, cells=1)
+        return averaging.measure([1, 3], width=2, cells=1, repeats=1)
     return averaging.measure([3, 9, 27, 81], width=16, cells=5)
 
 

@@ -131,81 +131,72 @@ def merge_shards(
     Each tensor becomes current + mean over the subnets that used it of (subnet - its base).
     When every subnet started from `current` this is the plain mean of the subnets' tensors;
     the delta form also handles subnets that started from an older version. Tensors that no
-    subnet used keep their value. Shards are streamed tensor by tensor, so peak memory does not
-    grow with the number of shards.
+    subnet used keep their value. Shards are read once each, one at a time, into float64 sums
+    the size of the supernet, so peak memory does not grow with the number of shards.
     """
-    with contextlib.ExitStack() as stack:
-        current_file = stack.enter_context(_open(current))
-        shard_files = [stack.enter_context(_open(item.shard)) for item in inputs]
-        base_files = _open_bases(stack, inputs, current, current_file)
-        for shard_file in shard_files:
-            unknown = set(shard_file.keys()) - set(current_file.keys())
-            if unknown:
-                raise StoreError(
-                    f"shard {shard_file.filename} holds tensors the supernet {current} lacks: "
-                    f"{sorted(unknown)[:5]}; it was made for another network."
-                )
+    with _open(current) as current_file:
+        values = {name: current_file[name][()] for name in current_file}
 
-        updated = 0
+    delta_sums: dict[str, np.ndarray] = {}
+    users: dict[str, int] = {}
+    for item in inputs:
+        _add_shard_deltas(item, Path(current), values, delta_sums, users)
 
-        def merged_tensors() -> Iterator[tuple[str, np.ndarray]]:
-            nonlocal updated
-            for name in current_file:
-                value = current_file[name][()]
-                users = [i for i, shard in enumerate(shard_files) if name in shard]
-                faults.checkpoint("supernet-tensor")
-                if users:
-                    updated += 1
-                    yield name, _masked_mean(name, value, users, shard_files, base_files)
-                else:
-                    yield name, value
+    def merged_tensors() -> Iterator[tuple[str, np.ndarray]]:
+        for name, value in values.items():
+            faults.checkpoint("supernet-tensor")
+            if name in users:
+                yield name, _mean_update(value, delta_sums.pop(name), users[name])
+            else:
+                yield name, value
 
-        total = write_tensors(out, merged_tensors(), meta)
-
-    stats = MergeStats(len(inputs), updated, total - updated)
+    total = write_tensors(out, merged_tensors(), meta)
+    stats = MergeStats(len(inputs), len(users), total - len(users))
     logger.debug("merged %d shards into %s: %s", len(inputs), out, stats)
     return stats
 
 
-def _masked_mean(
-    name: str,
-    value: np.ndarray,
-    users: list[int],
-    shard_files: list[h5py.File],
-    base_files: list[h5py.File],
-) -> np.ndarray:
-    # Accumulate in float64 so that the mean of many float32 tensors does not drift.
-    delta_sum = np.zeros(value.shape, dtype=np.float64)
-    for i in users:
-        shard_value = shard_files[i][name][()]
-        if shard_value.shape != value.shape:
+def _add_shard_deltas(
+    item: ShardInput,
+    current: Path,
+    values: Mapping[str, np.ndarray],
+    delta_sums: dict[str, np.ndarray],
+    users: dict[str, int],
+) -> None:
+    """Add one shard's (subnet - base) to the running sums; StoreError if it does not fit."""
+    same_base = Path(item.base).resolve() == current.resolve()
+    with contextlib.ExitStack() as stack:
+        shard_file = stack.enter_context(_open(item.shard))
+        base_file = None if same_base else stack.enter_context(_open(item.base))
+        unknown = set(shard_file.keys()) - set(values)
+        if unknown:
             raise StoreError(
-                f"tensor {name!r} has shape {shard_value.shape} in {shard_files[i].filename} "
-                f"but {value.shape} in the supernet."
+                f"shard {item.shard} holds tensors the supernet {current} lacks: "
+                f"{sorted(unknown)[:5]}; it was made for another network."
             )
-        delta_sum += shard_value.astype(np.float64) - base_files[i][name][()].astype(np.float64)
 
-    result = value.astype(np.float64) + delta_sum / len(users)
+        for name in shard_file:
+            shard_value = shard_file[name][()]
+            if shard_value.shape != values[name].shape:
+                raise StoreError(
+                    f"tensor {name!r} has shape {shard_value.shape} in {item.shard} but "
+                    f"{values[name].shape} in the supernet."
+                )
+            base_value = values[name] if base_file is None else base_file[name][()]
+            # float64 sums, so that the mean of many float32 tensors does not drift
+            delta = shard_value.astype(np.float64) - base_value.astype(np.float64)
+            if name in delta_sums:
+                delta_sums[name] += delta
+            else:
+                delta_sums[name] = delta
+            users[name] = users.get(name, 0) + 1
+
+
+def _mean_update(value: np.ndarray, delta_sum: np.ndarray, count: int) -> np.ndarray:
+    result = value.astype(np.float64) + delta_sum / count
     if np.issubdtype(value.dtype, np.integer):
         return np.rint(result).astype(value.dtype)
     return result.astype(value.dtype)
-
-
-def _open_bases(
-    stack: contextlib.ExitStack,
-    inputs: Sequence[ShardInput],
-    current: Path,
-    current_file: h5py.File,
-) -> list[h5py.File]:
-    # Most subnets share one base: open each distinct base file once.
-    opened: dict[Path, h5py.File] = {Path(current).resolve(): current_file}
-    bases = []
-    for item in inputs:
-        key = Path(item.base).resolve()
-        if key not in opened:
-            opened[key] = stack.enter_context(_open(item.base))
-        bases.append(opened[key])
-    return bases
 
 
 @contextlib.contextmanager
