@@ -100,10 +100,10 @@ def measure(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cache-dir", type=Path, default=None)
-    parser.add_argument("--width", type=int, default=4)
+    parser.add_argument("--width", type=int, default=16)
     parser.add_argument("--cells", type=int, default=1)
     parser.add_argument("--resolution", type=float, default=0.5)
-    parser.add_argument("--train-seconds", type=float, default=60.0)
+    parser.add_argument("--train-seconds", type=float, default=70.0)
     parser.add_argument("--evaluations", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--executor", choices=["debug", "local"], default="debug")

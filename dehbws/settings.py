@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from dehbws.errors import UserError
 
@@ -84,6 +84,9 @@ class TrainSettings:
     channels_last: bool = False
     precision: str = "fp32"
     compile: bool = False
+
+    # Keys a settings.json may lack (files written before they existed): they take the default.
+    OPTIONAL_KEYS: ClassVar[tuple[str, ...]] = ("channels_last", "precision", "compile")
 
     def __post_init__(self) -> None:
         _check_int("batch_size", self.batch_size, minimum=1)
