@@ -2,6 +2,8 @@
 
 One DEHB-WS rung at a setting where every evaluation trains for about a minute (the data subset
 is sized from a short timing of the network first), run by the debug executor in this process.
+The figures cover the whole one-rung search, so they also carry the once-per-run costs (DEHB's
+set-up, the initial supernet, the final result): an upper bound for a rung in a longer run.
 Two figures: the coordinator's own share (ask/tell, manifest, accepting results, averaging,
 history and state), and everything that is neither training nor validation, which adds the
 tasks' side (reading the data and supernet, building the subnet, BN recalibration excepted,
@@ -31,7 +33,7 @@ JAHS_TRAIN_IMAGES = 44_100
 
 def images_per_second(network: NetworkSettings, cache_dir: Path, *, threads: int) -> float:
     """Training speed of the network on this machine, from one short epoch (wall clock)."""
-    data = load_data(cache_dir, subset_fraction=0.02, resolution=network.resolution)
+    data = load_data(cache_dir, subset_fraction=0.05, resolution=network.resolution)
     model = build_subnet(HEAVY_CONFIG, network)
     settings = TrainSettings(batch_size=256, num_threads=threads)
     train = {"learning_rate": 0.05, "weight_decay": 5e-4, "trivial_augment": False, "seed": 0}
