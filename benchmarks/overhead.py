@@ -5,9 +5,9 @@ is sized from a short timing of the network first), run by the debug executor in
 The figures cover the whole one-rung search, so they also carry the once-per-run costs (DEHB's
 set-up, the initial supernet, the final result): an upper bound for a rung in a longer run.
 Two figures: the coordinator's own share (ask/tell, manifest, accepting results, averaging,
-history and state), and everything that is neither training nor validation, which adds the
-tasks' side (reading the data and supernet, building the subnet, BN recalibration excepted,
-checkpoints, writing the shard).
+history and state), and everything that is neither training nor validation (validation counts
+its BN recalibration), which adds the tasks' side: reading the data and supernet, building the
+subnet, the per-epoch checkpoints and writing the shard.
 """
 
 from __future__ import annotations
