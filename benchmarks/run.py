@@ -55,11 +55,11 @@ def throughput_rows(args: argparse.Namespace, cache_dir: Path) -> list[Row]:
 
 
 def overhead_rows(args: argparse.Namespace, cache_dir: Path) -> list[Row]:
-    network = NetworkSettings(2, 1, 0.25) if args.quick else NetworkSettings(16, 1, 0.5)
+    network = NetworkSettings(2, 1, 0.25) if args.quick else NetworkSettings(16, 1, 1.0)
     return overhead.measure(
         cache_dir,
         network=network,
-        train_seconds=2.0 if args.quick else 70.0,
+        train_seconds=2.0 if args.quick else 80.0,
         evaluations=2,
         threads=args.threads,
         executor="debug",
