@@ -12,15 +12,15 @@ import click
 
 from dehbws.errors import UserError
 from dehbws.presets import PRESETS, RunSettings, preset
-from dehbws.run_folder import RunFolder, read_json
+from dehbws.run_folder import RunFolder, read_json, storage_message, storage_problem
 
 logger = logging.getLogger("dehbws")
 
 
-def main() -> None:
+def main(args: list[str] | None = None) -> None:
     """Entry point: user mistakes become one message and exit code 2, never a traceback."""
     try:
-        exit_code = cli(standalone_mode=False)
+        exit_code = cli(args=args, standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("dehbws: aborted", err=True)
         sys.exit(130)
@@ -29,6 +29,14 @@ def main() -> None:
         sys.exit(2 if isinstance(error, click.UsageError) else error.exit_code)
     except UserError as error:
         click.echo(f"dehbws: error: {error}", err=True)
+        sys.exit(2)
+    except OSError as error:
+        # A full or read-only disk is the user's to fix; every finished evaluation is on disk.
+        problem = storage_problem(error)
+        if problem is None:
+            raise
+        where = error.filename or "the run folder"
+        click.echo(f"dehbws: error: {storage_message(problem, Path(where), 'writing')}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
         click.echo(
@@ -93,6 +101,12 @@ def _search_options(function: Any) -> Any:
             type=int,
             default=None,
             help="Retries of a failed task before it counts as a failed evaluation.",
+        ),
+        click.option(
+            "--task-timeout-min",
+            type=float,
+            default=None,
+            help="Local executor: stop (and retry) a task running longer than this.",
         ),
         click.option(
             "--data-dir",
@@ -184,6 +198,7 @@ def _open_run(
     if resume_dir is not None:
         folder = RunFolder(resume_dir)
         settings = folder.load_settings()
+        folder.check_resumable()
         changed = [
             key
             for key, value in options.items()
@@ -241,7 +256,11 @@ def _settings_from_options(base: RunSettings, options: dict[str, Any]) -> RunSet
             "compile_model": "compile",
         },
     )
-    top = {key: options[key] for key in ("executor",) if options.get(key) is not None}
+    top = {
+        key: options[key]
+        for key in ("executor", "task_timeout_min")
+        if options.get(key) is not None
+    }
     if options.get("max_parallel") is not None:
         top["max_parallel_tasks"] = options["max_parallel"]
     return dataclasses.replace(base, search=search, data=data, train=train, **top)
@@ -261,7 +280,10 @@ def _search_and_finetune(
 
     if executor is None:
         executor = make_executor(
-            executor_name, log_dir=folder.task_log_dir, max_parallel=max_parallel
+            executor_name,
+            log_dir=folder.task_log_dir,
+            max_parallel=max_parallel,
+            timeout_min=folder.load_settings().task_timeout_min,
         )
     with folder.lock():
         result = run_search(folder, executor, data_cache_dir=cache_dir)
@@ -395,6 +417,9 @@ def _configure_logging(folder: RunFolder, *, verbose: bool) -> None:
     root.setLevel(logging.DEBUG)
     for handler in list(root.handlers):
         root.removeHandler(handler)
+        handler.close()
+    # A log line that cannot be written (full disk) must not print a traceback mid-run.
+    logging.raiseExceptions = False
 
     console = logging.StreamHandler()
     console.setLevel(logging.DEBUG if verbose else logging.INFO)

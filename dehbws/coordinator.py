@@ -11,28 +11,40 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from dehbws import faults
+from dehbws.errors import UserError
 from dehbws.executors.base import Executor, TaskOutcome
 from dehbws.presets import RunSettings
-from dehbws.run_folder import RunFolder, RunState, read_json, write_json_atomic
+from dehbws.run_folder import (
+    RunFolder,
+    RunState,
+    StorageError,
+    read_json,
+    storage_message,
+    storage_problem,
+    storage_problem_at,
+    write_json_atomic,
+)
 from dehbws.schedule import WORST_FITNESS, Job, Schedule
+from dehbws.settings import NetworkSettings
 from dehbws.space import build_space, to_plain
-from dehbws.store import ShardInput, StoreError, check_finite, merge_shards, write_tensors
+from dehbws.store import ShardInput, StoreError, check_shard, merge_shards, write_tensors
 from dehbws.task import TaskSpec, evaluation_seed
 
 logger = logging.getLogger(__name__)
 
 
-class BatchFailedError(RuntimeError):
+class BatchFailedError(UserError, RuntimeError):
     """Every task of a batch failed: the run stops instead of recording them all as failed."""
 
 
-class ResumeMismatchError(RuntimeError):
+class ResumeMismatchError(UserError, RuntimeError):
     """Replaying the recorded batches did not reproduce what DEHB asked for before."""
 
 
@@ -211,7 +223,7 @@ class Coordinator:
             # A result left by an earlier coordinator is checked like a fresh one.
             stored = read_json(Path(spec.result)) if Path(spec.result).exists() else None
             record = self._accept(TaskOutcome(spec, stored)) if stored is not None else None
-            if record is None:
+            if not isinstance(record, dict):
                 pending.append(spec)
             else:
                 records[spec.evaluation] = record
@@ -227,10 +239,13 @@ class Coordinator:
             failed: list[TaskSpec] = []
 
             def on_done(outcome: TaskOutcome, failed: list[TaskSpec] = failed) -> None:
+                self._stop_if_storage_failed(outcome)
                 record = self._accept(outcome)
-                if record is None:
+                if not isinstance(record, dict):
                     failed.append(outcome.spec)
-                    last_error[outcome.spec.evaluation] = outcome
+                    last_error[outcome.spec.evaluation] = (
+                        outcome if record is None else dataclasses.replace(outcome, error=record)
+                    )
                 else:
                     records[outcome.spec.evaluation] = record
                     self._log_evaluation(outcome.spec, record)
@@ -256,8 +271,28 @@ class Coordinator:
             records[spec.evaluation] = self._record_failure(spec, outcome)
         return records
 
-    def _accept(self, outcome: TaskOutcome) -> dict[str, Any] | None:
-        """The task's record if it is sound; None (and its files removed) otherwise."""
+    def _stop_if_storage_failed(self, outcome: TaskOutcome) -> None:
+        """Stop the run when a task failed because the run folder cannot be written.
+
+        Such a failure says nothing about the configuration: retrying would fail the same way
+        and recording it would lose the evaluation. The task is simply run again on resume.
+        """
+        if outcome.record is not None:
+            return
+        problem = storage_problem(outcome.error) or storage_problem_at(
+            self.folder.batch_dir(outcome.spec.batch)
+        )
+        if problem is not None:
+            raise StorageError(
+                storage_message(problem, self.folder.root, f"{outcome.spec.name} could not write")
+            )
+
+    def _accept(self, outcome: TaskOutcome) -> dict[str, Any] | str | None:
+        """The task's record if it is sound; None if it has none; why not if it is unusable.
+
+        An unusable result (a damaged or incomplete shard, a malformed record) has its files
+        removed, so the task is run again as if it had crashed.
+        """
         spec = outcome.spec
         if outcome.record is None:
             logger.warning(
@@ -266,17 +301,19 @@ class Coordinator:
             return None
 
         record = dict(outcome.record)
-        if record["status"] == "ok" and spec.shard is not None:
-            try:
-                check_finite(Path(spec.shard))
-            except StoreError as error:
-                logger.warning("%s wrote an unusable shard: %s", spec.name, error)
-                for path in (Path(spec.shard), Path(spec.result)):
-                    path.unlink(missing_ok=True)
-                return None
-            record["shard"] = self.folder.relative(Path(spec.shard))
-        else:
-            record["shard"] = None
+        problem = _record_problem(spec, record)
+        if problem is None and record["status"] == "ok" and spec.shard is not None:
+            problem = _shard_problem(spec, self.settings.network)
+        if problem is not None:
+            # Whatever the task left is untrusted: remove it so that a retry starts clean.
+            logger.warning("%s returned an unusable result: %s", spec.name, problem)
+            for output in (spec.shard, spec.result):
+                if output is not None:
+                    Path(output).unlink(missing_ok=True)
+            return f"unusable result: {problem}"
+
+        shard = spec.shard if record["status"] == "ok" else None
+        record["shard"] = self.folder.relative(Path(shard)) if shard is not None else None
         write_json_atomic(Path(spec.result), record)
         return record
 
@@ -528,6 +565,42 @@ class Coordinator:
             schedule.asked,
             self.settings.search.fevals,
         )
+
+
+def _record_problem(spec: TaskSpec, record: dict[str, Any]) -> str | None:
+    """Why a task's result record cannot be used, or None when it can."""
+    if record.get("evaluation") != spec.evaluation or record.get("kind") != spec.kind:
+        return (
+            f"the record is of {record.get('kind')} e{record.get('evaluation')}, not of "
+            f"{spec.name}"
+        )
+    status = record.get("status")
+    if status == "failed":
+        return None
+    if status != "ok":
+        return f"status is {status!r}, but must be 'ok' or 'failed'"
+    error = record.get("valid_error")
+    if isinstance(error, bool) or not isinstance(error, (int, float)):
+        return f"valid_error is {error!r}, but must be a number"
+    if not (math.isfinite(error) and 0.0 <= error <= 1.0):
+        return f"valid_error is {error!r}, but must lie in [0, 1]"
+    return None
+
+
+def _shard_problem(spec: TaskSpec, network: NetworkSettings) -> str | None:
+    """Why a task's shard must not reach the supernet, or None when it may."""
+    from dehbws.model import used_tensor_names
+
+    assert spec.shard is not None and spec.base_supernet is not None
+    try:
+        check_shard(
+            Path(spec.shard),
+            Path(spec.base_supernet),
+            expected_names=used_tensor_names(spec.config, network),
+        )
+    except StoreError as error:
+        return str(error)
+    return None
 
 
 def _fitness(record: dict[str, Any]) -> float:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,13 +62,26 @@ class RunSettings:
     search: SearchSettings = field(default_factory=SearchSettings)
     executor: str = "local"
     max_parallel_tasks: int = 1
+    # A local task still running after this long is stopped and retried (a hung task).
+    task_timeout_min: float = 24 * 60.0
 
     def __post_init__(self) -> None:
+        if not isinstance(self.preset, str) or not self.preset:
+            raise UserError(f"preset is {self.preset!r}, but must be a preset name.")
         if self.executor not in EXECUTORS:
             raise UserError(
                 f"executor is {self.executor!r}, but must be one of {list(EXECUTORS)}."
             )
         _check_int("max_parallel_tasks", self.max_parallel_tasks, minimum=1)
+        timeout = self.task_timeout_min
+        if (
+            isinstance(timeout, bool)
+            or not isinstance(timeout, (int, float))
+            or not (0 < timeout < math.inf)
+        ):
+            raise UserError(
+                f"task_timeout_min is {timeout!r}, but must be a positive number of minutes."
+            )
         train_epochs_needed = max(self.search.max_epochs, self.search.warmup_epochs)
         if train_epochs_needed > self.train.schedule_epochs:
             raise UserError(
@@ -90,7 +104,7 @@ class RunSettings:
         }
         if not isinstance(values, dict):
             raise UserError(f"settings must be a JSON object, got {type(values).__name__}.")
-        _reject_unknown("settings", values, {f.name for f in dataclasses.fields(cls)})
+        _check_keys("settings", values, cls)
 
         kwargs: dict[str, Any] = {}
         for key, value in values.items():
@@ -100,17 +114,52 @@ class RunSettings:
                 continue
             if not isinstance(value, dict):
                 raise UserError(f"settings section {key!r} must be an object, got {value!r}.")
-            _reject_unknown(key, value, {f.name for f in dataclasses.fields(section)})
+            _check_keys(key, value, section)
             kwargs[key] = section(**value)
-        if "preset" not in kwargs:
-            raise UserError("settings lack the key 'preset'.")
         return cls(**kwargs)
 
 
-def _reject_unknown(section: str, values: dict[str, Any], known: set[str]) -> None:
-    unknown = sorted(set(values) - known)
+def _check_keys(section: str, values: dict[str, Any], cls: Any) -> None:
+    """Every key present, none unknown, and each value of its field's JSON type."""
+    fields = {field.name: field for field in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
     if unknown:
-        raise UserError(f"{section} has unknown keys {unknown}; known keys are {sorted(known)}.")
+        raise UserError(f"{section} has unknown keys {unknown}; known keys are {sorted(fields)}.")
+    missing = sorted(set(fields) - set(values) - set(getattr(cls, "OPTIONAL_KEYS", ())))
+    if missing:
+        raise UserError(
+            f"{section} lacks the keys {missing}; a dehbws settings file has them all."
+        )
+
+    for name, spec in fields.items():
+        kinds = [kind.strip() for kind in str(spec.type).split("|")]
+        if not set(kinds) <= set(_JSON_KINDS):
+            continue  # a section, checked by its own class
+        if name not in values:
+            continue  # optional: takes the default
+        value = values[name]
+        if not any(_JSON_KINDS[kind](value) for kind in kinds):
+            expected = " or ".join(_KIND_WORDS[kind] for kind in kinds)
+            raise UserError(f"{section}.{name} is {value!r}, but must be {expected}.")
+
+
+# How a settings value of each annotated type looks in JSON (bool is no int here).
+_JSON_KINDS = {
+    "int": lambda value: isinstance(value, int) and not isinstance(value, bool),
+    "float": lambda value: (
+        isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ),
+    "str": lambda value: isinstance(value, str),
+    "bool": lambda value: isinstance(value, bool),
+    "None": lambda value: value is None,
+}
+_KIND_WORDS = {
+    "int": "an integer",
+    "float": "a finite number",
+    "str": "a string",
+    "bool": "true or false",
+    "None": "null",
+}
 
 
 PRESETS: dict[str, RunSettings] = {

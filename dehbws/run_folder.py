@@ -21,6 +21,7 @@ leaves either the old or the new version.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -42,6 +43,55 @@ WARMUP_FILE = "warmup.jsonl"
 RESULT_FILE = "result.json"
 LOCK_FILE = ".lock"
 LAYOUT_VERSION = 1
+
+
+# Below this much free space a run folder counts as full: a task's shard or a supernet version
+# would not fit, and failures there say nothing about the configuration being evaluated.
+MIN_FREE_BYTES = 1 << 20
+_STORAGE_ERRNOS = {
+    errno.ENOSPC: "no space left on device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "read-only file system",
+}
+_STORAGE_TEXTS = ("No space left on device", "Disk quota exceeded", "Read-only file system")
+
+
+class StorageError(UserError):
+    """The run folder cannot be written (full, over quota or read-only); nothing is lost."""
+
+
+def storage_problem(error: BaseException | str | None) -> str | None:
+    """What is wrong with the storage if `error` (or its text) is a full or read-only disk."""
+    if isinstance(error, OSError) and error.errno in _STORAGE_ERRNOS:
+        return _STORAGE_ERRNOS[error.errno]
+    text = str(error or "")
+    # h5py and torch report write failures with the C library's text and no errno.
+    for phrase in _STORAGE_TEXTS:
+        if phrase in text:
+            return phrase.lower()
+    return None
+
+
+def storage_problem_at(path: Path) -> str | None:
+    """Whether the file system holding `path` is read-only or (nearly) full."""
+    try:
+        stats = os.statvfs(path)
+    except OSError:
+        return None
+    if stats.f_flag & os.ST_RDONLY:
+        return "read-only file system"
+    free_bytes = stats.f_bavail * stats.f_frsize
+    if free_bytes < MIN_FREE_BYTES:
+        return f"only {free_bytes // 1024} KiB free"
+    return None
+
+
+def storage_message(problem: str, root: Path, what: str) -> str:
+    """The one paragraph a user reads when the run folder cannot be written."""
+    return (
+        f"{what}: {problem}. Every finished evaluation is kept; free space (or make {root} "
+        f"writable again) and continue with `dehbws run --resume {root}`."
+    )
 
 
 def write_json_atomic(path: Path, value: Any) -> None:
@@ -86,6 +136,17 @@ class RunState:
     warmup_bytes: int = 0
     finished: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+_STATE_KINDS = {"extra": "an object", "finished": "true or false"}
+
+
+def _fits_state(value: Any, expected: str) -> bool:
+    if expected == "an object":
+        return isinstance(value, dict)
+    if expected == "true or false":
+        return isinstance(value, bool)
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 class RunFolder:
@@ -168,13 +229,29 @@ class RunFolder:
                 f"{self.root} is not a dehbws run folder (no {SETTINGS_FILE}); start a run with "
                 "`dehbws run --run-dir DIR`."
             )
-        return RunSettings.from_dict(read_json(path))
+        try:
+            return RunSettings.from_dict(read_json(path))
+        except UserError as error:
+            raise UserError(
+                f"{path}: {error} Restore the file as dehbws wrote it, or start a new run."
+            ) from None
 
     def load_state(self) -> RunState:
-        values = read_json(self.root / STATE_FILE)
+        path = self.root / STATE_FILE
+        values = read_json(path)
         known = set(RunState.__dataclass_fields__)
-        if not isinstance(values, dict) or set(values) - known:
-            raise UserError(f"{self.root / STATE_FILE} is not a dehbws state file.")
+        if not isinstance(values, dict) or set(values) != known:
+            raise UserError(
+                f"{path} is not a dehbws state file (it must be an object with the keys "
+                f"{sorted(known)}); restore it or start a new run."
+            )
+        for name, value in values.items():
+            expected = _STATE_KINDS.get(name, "a non-negative integer")
+            if not _fits_state(value, expected):
+                raise UserError(
+                    f"{path}: {name} is {value!r}, but must be {expected}; "
+                    "restore the file or start a new run."
+                )
         state = RunState(**values)
         if state.layout_version != LAYOUT_VERSION:
             raise UserError(
@@ -182,6 +259,34 @@ class RunFolder:
                 f"dehbws reads layout {LAYOUT_VERSION}."
             )
         return state
+
+    def check_resumable(self) -> None:
+        """Raise UserError, before anything is written, if the folder cannot be resumed.
+
+        Checks the state file and that every recorded configuration lies in the search space
+        (a hand-edited manifest would otherwise reach DEHB or a task).
+        """
+        from dehbws.space import validate_config
+
+        state = self.load_state()
+        for batch in range(state.batches_done + 1):
+            path = self.manifest_path(batch)
+            if not path.exists():
+                continue
+            manifest = read_json(path)
+            jobs = manifest.get("jobs") if isinstance(manifest, dict) else None
+            configs = manifest.get("configs") if isinstance(manifest, dict) else None
+            recorded = configs if jobs is None else [job.get("config") for job in jobs]
+            if not isinstance(recorded, list) or not all(isinstance(c, dict) for c in recorded):
+                raise UserError(f"{path} is not a dehbws manifest; restore it or start a new run.")
+            for config in recorded:
+                try:
+                    validate_config(config)
+                except UserError as error:
+                    raise UserError(
+                        f"{path} records a configuration outside the search space: {error} "
+                        "Restore the file as dehbws wrote it, or start a new run."
+                    ) from None
 
     def save_state(self, state: RunState) -> None:
         write_json_atomic(self.root / STATE_FILE, state.__dict__)
@@ -218,9 +323,20 @@ class RunFolder:
             return file.tell()
 
     def read_history(self) -> list[dict[str, Any]]:
+        """The committed history lines (bytes an interrupted batch appended are ignored)."""
         if not self.history_path.exists():
             return []
-        return [json.loads(line) for line in self.history_path.read_text().splitlines() if line]
+        committed = self.history_path.read_bytes()[: self.load_state().history_bytes]
+        lines = []
+        for number, line in enumerate(committed.decode(errors="replace").splitlines(), 1):
+            try:
+                lines.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise UserError(
+                    f"{self.history_path} line {number} is not JSON; restore the file or start "
+                    "a new run."
+                ) from None
+        return lines
 
     # -- lock -------------------------------------------------------------------------------
 

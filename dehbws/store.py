@@ -24,6 +24,7 @@ import h5py
 import numpy as np
 
 from dehbws import faults
+from dehbws.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -32,8 +33,12 @@ _META_ATTR = "dehbws_meta"
 _FORMAT_ATTR = "dehbws_format"
 
 
-class StoreError(RuntimeError):
-    """A weight file is missing, truncated, of another format or holds non-finite values."""
+class StoreError(UserError, RuntimeError):
+    """A weight file is missing, truncated, of another format or holds non-finite values.
+
+    The coordinator rejects (and reruns) a task whose shard raises it; anywhere else it stops
+    the run with its message, which names the file.
+    """
 
 
 def supernet_filename(version: int) -> str:
@@ -63,7 +68,7 @@ def write_tensors(
             file.attrs[_META_ATTR] = json.dumps(dict(meta), sort_keys=True)
             count = 0
             for name, array in items:
-                file.create_dataset(name, data=np.asarray(array))
+                _create_dataset(file, name, np.asarray(array))
                 count += 1
         _fsync_file(temp_name)
         os.replace(temp_name, path)
@@ -73,6 +78,15 @@ def write_tensors(
             os.unlink(temp_name)
         raise
     return count
+
+
+def _create_dataset(file: h5py.File, name: str, array: np.ndarray) -> None:
+    # A Fletcher-32 checksum per chunk makes damaged bytes an error on reading instead of
+    # silently different weights; HDF5 allows it only for chunked (non-scalar) datasets.
+    if array.ndim > 0 and array.size > 0:
+        file.create_dataset(name, data=array, fletcher32=True)
+    else:
+        file.create_dataset(name, data=array)
 
 
 def read_meta(path: Path) -> dict[str, Any]:
@@ -104,6 +118,55 @@ def check_finite(path: Path) -> None:
             array = file[name][()]
             if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
                 raise StoreError(f"{path}: tensor {name!r} holds non-finite values.")
+
+
+def check_shard(path: Path, supernet: Path, expected_names: Sequence[str] | None = None) -> None:
+    """Raise StoreError unless the shard is fit to be averaged into `supernet`.
+
+    Fit means: every entry is a plain numeric dataset (never an object or opaque blob, which
+    could carry a pickle) that the supernet also holds, with the supernet's shape and dtype;
+    every value reads back with a valid checksum and is finite; and when `expected_names` is
+    given, the shard holds exactly those tensors, so a partial write is caught too.
+    """
+    with _open(path) as shard, _open(supernet) as reference:
+        names = list(shard.keys())
+        for name in names:
+            _check_shard_tensor(path, name, shard.get(name, getlink=True), shard, reference)
+        if expected_names is not None and set(names) != set(expected_names):
+            missing = sorted(set(expected_names) - set(names))
+            extra = sorted(set(names) - set(expected_names))
+            raise StoreError(
+                f"{path} does not hold the tensors its subnet used: missing {missing[:5]} "
+                f"({len(missing)} in all), unexpected {extra[:5]} ({len(extra)} in all)."
+            )
+
+
+def _check_shard_tensor(
+    path: Path, name: str, link: Any, shard: h5py.File, reference: h5py.File
+) -> None:
+    if not isinstance(link, h5py.HardLink) or not isinstance(shard[name], h5py.Dataset):
+        raise StoreError(f"{path}: entry {name!r} is not a plain dataset.")
+    if name not in reference:
+        raise StoreError(
+            f"{path}: tensor {name!r} is not part of the supernet {reference.filename}."
+        )
+    dataset, expected = shard[name], reference[name]
+    if dataset.dtype.kind not in "fiub" or dataset.dtype != expected.dtype:
+        raise StoreError(
+            f"{path}: tensor {name!r} has dtype {dataset.dtype}, but the supernet stores "
+            f"{expected.dtype}."
+        )
+    if dataset.shape != expected.shape:
+        raise StoreError(
+            f"{path}: tensor {name!r} has shape {dataset.shape}, but the supernet's is "
+            f"{expected.shape}."
+        )
+    try:
+        value = dataset[()]
+    except OSError as error:  # a failed checksum or an unreadable chunk
+        raise StoreError(f"{path}: tensor {name!r} cannot be read back ({error}).") from None
+    if dataset.dtype.kind == "f" and not np.all(np.isfinite(value)):
+        raise StoreError(f"{path}: tensor {name!r} holds non-finite values.")
 
 
 @dataclass(frozen=True)

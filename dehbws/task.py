@@ -159,6 +159,7 @@ def run_task(spec: TaskSpec) -> dict[str, Any]:
     }
     _write_result(result_path, record)
     remove_training_state(spec)
+    task_faults.inject_at_end(spec, faults)
     return record
 
 

@@ -12,7 +12,16 @@ a new start, counted in a small file beside the task's result). Actions:
 - `raise`: raise InjectedFault when the task starts;
 - `exit`: end the process at once with SIGKILL, leaving no result (like a killed task);
 - `sleep`: sleep `seconds` before training (long enough to be cancelled);
-- `slow_epochs`: sleep `seconds` after every training epoch (long enough to be interrupted).
+- `slow_epochs`: sleep `seconds` after every training epoch (long enough to be interrupted);
+- `hang`: block when the task starts until the process is killed (a task past its time limit);
+- `kill_mid_training`: SIGKILL the process as soon as its first epoch checkpoint is saved;
+- `truncate_shard`: after the task ends, cut its shard to half its bytes (a partial write);
+- `corrupt_shard`: after the task ends, overwrite the stored bytes of one tensor (bit rot);
+- `nan_weights`: after the task ends, set one tensor of its shard to NaN (a silent divergence);
+- `drop_tensor`: after the task ends, delete one tensor from its shard (an incomplete shard).
+
+The shard faults act after the task wrote its result, so the task reports success and only the
+coordinator's checks stand between the damaged shard and the supernet.
 
 A value that is not such a list stops the task with ValueError, so a typo in a test fails
 loudly instead of testing nothing.
@@ -24,6 +33,7 @@ import json
 import logging
 import os
 import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +45,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 FAULT_VARIABLE = "DEHBWS_FAULT_INJECT"
-ACTIONS: tuple[str, ...] = ("raise", "exit", "sleep", "slow_epochs")
+START_ACTIONS: tuple[str, ...] = ("raise", "exit", "sleep", "hang", "kill_mid_training")
+SHARD_ACTIONS: tuple[str, ...] = ("truncate_shard", "corrupt_shard", "nan_weights", "drop_tensor")
+ACTIONS: tuple[str, ...] = (*START_ACTIONS, "slow_epochs", *SHARD_ACTIONS)
 
 
 class InjectedFault(RuntimeError):
@@ -84,11 +96,78 @@ def inject_at_start(spec: TaskSpec, faults: list[Fault]) -> None:
         elif fault.action == "exit":
             logger.warning("%s: injected fault, killing this process", spec.name)
             os.kill(os.getpid(), signal.SIGKILL)
+        elif fault.action == "hang":
+            logger.warning("%s: injected fault, hanging until killed", spec.name)
+            while True:
+                time.sleep(60)
+        elif fault.action == "kill_mid_training":
+            _kill_after_first_checkpoint(spec)
+
+
+def inject_at_end(spec: TaskSpec, faults: list[Fault]) -> None:
+    """Carry out the faults that damage the task's shard after it wrote its result."""
+    for fault in faults:
+        if fault.action not in SHARD_ACTIONS or spec.shard is None:
+            continue
+        logger.warning("%s: injected fault %s on %s", spec.name, fault.action, spec.shard)
+        if fault.action == "truncate_shard":
+            path = Path(spec.shard)
+            os.truncate(path, path.stat().st_size // 2)
+        else:
+            _damage_tensor(Path(spec.shard), fault.action)
 
 
 def epoch_delay_s(faults: list[Fault]) -> float:
     """How long to sleep after each epoch (slow_epochs faults)."""
     return sum(fault.seconds for fault in faults if fault.action == "slow_epochs")
+
+
+def _kill_after_first_checkpoint(spec: TaskSpec) -> None:
+    """Watch for the task's first epoch checkpoint and SIGKILL the process once it exists."""
+    from dehbws.task_checkpoint import checkpoint_path
+
+    path = checkpoint_path(spec)
+
+    def watch() -> None:
+        while not path.exists():
+            time.sleep(0.02)
+        logger.warning("%s: injected fault, killing this process mid-training", spec.name)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="fault-kill", daemon=True).start()
+
+
+def _damage_tensor(path: Path, action: str) -> None:
+    """Damage the largest floating-point tensor of a shard in place."""
+    import h5py
+    import numpy as np
+
+    with h5py.File(path, "r+", locking=False) as file:
+        name = max(
+            (key for key in file if file[key].dtype.kind == "f"), key=lambda key: file[key].size
+        )
+        dataset = file[name]
+        if action == "nan_weights":
+            dataset[...] = np.full(dataset.shape, np.nan, dtype=dataset.dtype)
+            return
+        if action == "drop_tensor":
+            del file[name]
+            return
+        offset = _data_offset(dataset)
+        size = dataset.size * dataset.dtype.itemsize
+    # Bit rot: the file stays readable as HDF5, only the tensor's stored bytes change.
+    with open(path, "r+b") as raw:
+        raw.seek(offset)
+        flipped = bytes(255 - byte for byte in raw.read(size))
+        raw.seek(offset)
+        raw.write(flipped)
+
+
+def _data_offset(dataset: Any) -> int:
+    """Where a dataset's bytes start in the file (first chunk for chunked datasets)."""
+    if dataset.chunks is None:
+        return int(dataset.id.get_offset())
+    return int(dataset.id.get_chunk_info(0).byte_offset)
 
 
 def _parse(text: str) -> list[Fault]:
