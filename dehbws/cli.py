@@ -12,7 +12,7 @@ import click
 
 from dehbws.errors import UserError
 from dehbws.presets import PRESETS, RunSettings, preset
-from dehbws.run_folder import RunFolder, read_json, storage_message, storage_problem
+from dehbws.run_folder import RunFolder, read_json, storage_error
 
 logger = logging.getLogger("dehbws")
 
@@ -24,19 +24,26 @@ def main(args: list[str] | None = None) -> None:
     except click.exceptions.Abort:
         click.echo("dehbws: aborted", err=True)
         sys.exit(130)
+    except click.exceptions.NoArgsIsHelpError as error:
+        error.show()
+        sys.exit(2)
+    except click.UsageError as error:
+        # The same one-line form as every other user mistake, plus where to find the options.
+        hint = f" (see `{error.ctx.command_path} --help`)" if error.ctx is not None else ""
+        click.echo(f"dehbws: error: {error.format_message()}{hint}", err=True)
+        sys.exit(2)
     except click.ClickException as error:
         error.show()
-        sys.exit(2 if isinstance(error, click.UsageError) else error.exit_code)
+        sys.exit(error.exit_code)
     except UserError as error:
         click.echo(f"dehbws: error: {error}", err=True)
         sys.exit(2)
-    except OSError as error:
+    except (OSError, RuntimeError) as error:
         # A full or read-only disk is the user's to fix; every finished evaluation is on disk.
-        problem = storage_problem(error)
-        if problem is None:
+        storage = storage_error(error)
+        if storage is None:
             raise
-        where = error.filename or "the run folder"
-        click.echo(f"dehbws: error: {storage_message(problem, Path(where), 'writing')}", err=True)
+        click.echo(f"dehbws: error: {storage}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
         click.echo(

@@ -17,6 +17,7 @@ EXECUTORS: tuple[str, ...] = ("debug", "local", "slurm")
 # smac: SMAC4MF (dehbws.baselines.smac_mf), from scratch like dehb; fixed-cnn: no search, the
 # fixed CNN baseline (dehbws.baselines.fixed_cnn), trained by `dehbws compare`.
 METHODS: tuple[str, ...] = ("dehb-ws", "dehb", "smac", "fixed-cnn")
+MAX_SEED = 2**32 - 1
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,9 @@ class SearchSettings:
             raise UserError(f"method is {self.method!r}, but must be one of {list(METHODS)}.")
         _check_int("fevals", self.fevals, minimum=1)
         _check_int("seed", self.seed, minimum=0)
+        if self.seed > MAX_SEED:
+            # ConfigSpace and torch take seeds of at most 32 and 64 bits.
+            raise UserError(f"seed is {self.seed}, but must be at most {MAX_SEED} (2**32 - 1).")
         _check_int("warmup_epochs", self.warmup_epochs, minimum=0)
         _check_int("warmup_subnets", self.warmup_subnets, minimum=1)
         _check_int("finetune_epochs", self.finetune_epochs, minimum=0)
@@ -82,12 +86,15 @@ class RunSettings:
             raise UserError(
                 f"task_timeout_min is {timeout!r}, but must be a positive number of minutes."
             )
-        train_epochs_needed = max(self.search.max_epochs, self.search.warmup_epochs)
-        if train_epochs_needed > self.train.schedule_epochs:
-            raise UserError(
-                f"max_epochs is {self.search.max_epochs}, but the learning-rate schedule has only "
-                f"{self.train.schedule_epochs} epochs; lower --max-epochs."
-            )
+        for name, epochs in (
+            ("max_epochs", self.search.max_epochs),
+            ("warmup_epochs", self.search.warmup_epochs),
+        ):
+            if epochs > self.train.schedule_epochs:
+                raise UserError(
+                    f"{name} is {epochs}, but the learning-rate schedule has only "
+                    f"{self.train.schedule_epochs} epochs; lower --{name.replace('_', '-')}."
+                )
 
     def to_dict(self) -> dict[str, Any]:
         """A plain dict for JSON."""

@@ -94,6 +94,23 @@ def storage_message(problem: str, root: Path, what: str) -> str:
     )
 
 
+def storage_error(error: BaseException) -> StorageError | None:
+    """A StorageError for `error` if it is a full or read-only disk, else None.
+
+    Its message names the file that could not be written and the resume command of the run
+    folder that holds it.
+    """
+    problem = storage_problem(error)
+    if problem is None:
+        return None
+    filename = getattr(error, "filename", None)
+    if not filename:
+        return StorageError(storage_message(problem, Path("RUN_DIR"), "writing the run folder"))
+    path = Path(filename).absolute()
+    root = next((folder for folder in path.parents if (folder / SETTINGS_FILE).exists()), path)
+    return StorageError(storage_message(problem, root, f"writing {path}"))
+
+
 def write_json_atomic(path: Path, value: Any) -> None:
     """Write JSON so that readers see either the old file or the complete new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -276,7 +293,14 @@ class RunFolder:
             manifest = read_json(path)
             jobs = manifest.get("jobs") if isinstance(manifest, dict) else None
             configs = manifest.get("configs") if isinstance(manifest, dict) else None
-            recorded = configs if jobs is None else [job.get("config") for job in jobs]
+            recorded = configs
+            if jobs is not None:
+                # Anything but a list of job objects is no manifest (checked just below).
+                recorded = (
+                    [job.get("config") if isinstance(job, dict) else None for job in jobs]
+                    if isinstance(jobs, list)
+                    else None
+                )
             if not isinstance(recorded, list) or not all(isinstance(c, dict) for c in recorded):
                 raise UserError(f"{path} is not a dehbws manifest; restore it or start a new run.")
             for config in recorded:

@@ -51,8 +51,13 @@ def rung_budgets(min_epochs: int, max_epochs: int, eta: int) -> tuple[int, ...]:
     must not merge two rungs.
     """
     validate_budgets(min_epochs, max_epochs, eta)
-    rung_count = int(math.floor(math.log(max_epochs / min_epochs) / math.log(eta) + 1e-9)) + 1
-    raw = [max_epochs * eta ** -(rung_count - 1 - i) for i in range(rung_count)]
+    try:
+        rung_count = int(math.floor(math.log(max_epochs / min_epochs) / math.log(eta) + 1e-9)) + 1
+        raw = [max_epochs * eta ** -(rung_count - 1 - i) for i in range(rung_count)]
+    except OverflowError:
+        raise UserError(
+            f"max_epochs is {max_epochs}, more epochs than any schedule has; lower --max-epochs."
+        ) from None
     budgets = tuple(max(1, round(value)) for value in raw)
     if len(set(budgets)) != len(budgets):
         raise UserError(

@@ -7,6 +7,7 @@ receives exactly what the coordinator decided and the run folder can store it as
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -93,7 +94,9 @@ class TrainSettings:
         _check_int("schedule_epochs", self.schedule_epochs, minimum=1)
         _check_int("bn_recalibration_batches", self.bn_recalibration_batches, minimum=0)
         _check_int("num_threads", self.num_threads, minimum=0)
-        if not isinstance(self.device, str) or self.device.split(":")[0] not in DEVICE_TYPES:
+        if not isinstance(self.device, str) or not re.fullmatch(
+            rf"({'|'.join(DEVICE_TYPES)})(:[0-9]+)?", self.device
+        ):
             raise UserError(
                 f"device is {self.device!r}, but must be 'cpu', 'cuda' or 'cuda:N' "
                 "(--device cpu or --device cuda)."

@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -73,11 +74,31 @@ def write_tensors(
         _fsync_file(temp_name)
         os.replace(temp_name, path)
         _fsync_dir(path.parent)
-    except BaseException:
+    except BaseException as error:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temp_name)
+        system_error = _system_error(error, path)
+        if system_error is not None:
+            raise system_error from error
         raise
     return count
+
+
+def _system_error(error: BaseException, path: Path) -> OSError | None:
+    """HDF5's report of a failed write (a RuntimeError with the C errno in its text) as OSError.
+
+    Callers then see a full or read-only disk as the OSError it is, with its errno and the file
+    that could not be written, whichever HDF5 call noticed it first.
+    """
+    if isinstance(error, OSError) and error.errno is not None:
+        return None
+    if not isinstance(error, (OSError, RuntimeError)):
+        return None
+    found = re.search(r"errno = (\d+)", str(error))
+    if found is None or int(found.group(1)) == 0:
+        return None
+    number = int(found.group(1))
+    return OSError(number, os.strerror(number), str(path))
 
 
 def _create_dataset(file: h5py.File, name: str, array: np.ndarray) -> None:

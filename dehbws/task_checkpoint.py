@@ -100,22 +100,39 @@ def load_training_state(spec: TaskSpec) -> TrainingState | None:
     except Exception as error:  # a damaged file only costs the epochs it held
         logger.warning("%s: ignoring unreadable checkpoint %s (%s)", spec.name, path, error)
         return None
-    if payload.get("format_version") != FORMAT_VERSION or payload.get("identity") != _identity(
-        spec
+    if (
+        not isinstance(payload, dict)
+        or payload.get("format_version") != FORMAT_VERSION
+        or payload.get("identity") != _identity(spec)
     ):
         logger.warning("%s: ignoring checkpoint %s of another task", spec.name, path)
         return None
-    next_epoch = int(payload["next_epoch"])
-    if not spec.start_epoch < next_epoch <= spec.end_epoch:
-        logger.warning("%s: ignoring checkpoint %s at epoch %d", spec.name, path, next_epoch)
+    kinds: dict[str, type | tuple[type, ...]] = {
+        "next_epoch": int,
+        "model": dict,
+        "optimizer": dict,
+        "train_seconds": (int, float),
+        "images_seen": int,
+    }
+    malformed = [
+        key
+        for key, kind in kinds.items()
+        if isinstance(payload.get(key), bool) or not isinstance(payload.get(key), kind)
+    ]
+    if malformed:
+        logger.warning("%s: ignoring malformed checkpoint %s (bad %s)", spec.name, path, malformed)
         return None
-    return TrainingState(
-        next_epoch=next_epoch,
+    state = TrainingState(
+        next_epoch=payload["next_epoch"],
         model=payload["model"],
         optimizer=payload["optimizer"],
         train_seconds=float(payload["train_seconds"]),
-        images_seen=int(payload["images_seen"]),
+        images_seen=payload["images_seen"],
     )
+    if not spec.start_epoch < state.next_epoch <= spec.end_epoch:
+        logger.warning("%s: ignoring checkpoint %s at epoch %d", spec.name, path, state.next_epoch)
+        return None
+    return state
 
 
 def remove_training_state(spec: TaskSpec) -> None:
