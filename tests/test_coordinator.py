@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -9,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from conftest import tiny_settings
 
 from dehbws.coordinator import BatchFailedError, Coordinator
@@ -258,3 +260,23 @@ def test_vanilla_dehb_trains_every_evaluation_from_scratch(
     assert not (folder.root / "supernet").exists()
     assert result["supernet"] is None
     assert result["epochs_spent"] == sum(line["fidelity"] for line in history)
+
+
+def test_in_process_tasks_leave_torch_threads_as_they_were(
+    finished_run: tuple[RunFolder, Path], new_run: Any
+) -> None:
+    _, cache = finished_run
+    before = torch.get_num_threads()
+    wanted = 1 if before > 1 else 2
+    settings = tiny_settings(fevals=2, warmup_epochs=0, finetune_epochs=0)
+    folder = new_run(
+        dataclasses.replace(
+            settings, train=dataclasses.replace(settings.train, num_threads=wanted)
+        )
+    )
+
+    _run(folder, DebugExecutor(), cache)
+
+    # Each task set its own thread count; the process got its own back.
+    assert all(line["status"] == "ok" for line in folder.read_history())
+    assert torch.get_num_threads() == before
