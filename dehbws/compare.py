@@ -205,25 +205,30 @@ class _Run:
         return f"{self.method} seed {self.seed}"
 
 
-def _open_record(out: Path, comparison: Comparison) -> dict[str, Any]:
-    """The comparison record: a new one, or the stored one if the settings are the same."""
+def check_out(out: Path, comparison: Comparison) -> None:
+    """Raise UserError unless `out` is new, empty, or holds a comparison with these settings."""
+    out = Path(out)
     path = out / COMPARISON_FILE
-    wanted = comparison.to_dict()
     if path.exists():
         stored = read_json(path)
-        if stored.get("settings") != wanted["settings"]:
+        if stored.get("settings") != comparison.to_dict()["settings"]:
             raise UserError(
                 f"{out} holds a comparison with other settings (preset "
                 f"{stored.get('settings', {}).get('preset')!r}); repeat its command to continue "
                 "it, or choose a new --out."
             )
-        runs = stored.get("runs", [])
     elif out.exists() and any(path.name != "logs" for path in out.iterdir()):
         raise UserError(
             f"{out} is not empty and holds no comparison; choose a new or empty --out."
         )
-    else:
-        runs = []
+
+
+def _open_record(out: Path, comparison: Comparison) -> dict[str, Any]:
+    """The comparison record: a new one, or the stored one if the settings are the same."""
+    check_out(out, comparison)
+    path = out / COMPARISON_FILE
+    wanted = comparison.to_dict()
+    runs = read_json(path).get("runs", []) if path.exists() else []
     out.mkdir(parents=True, exist_ok=True)
     record = {"layout_version": LAYOUT_VERSION, **wanted, "runs": runs, "finished": False}
     write_json_atomic(path, record)

@@ -2,7 +2,8 @@
 
 Test accuracy is each final evaluation's accuracy on the run's test set. Validation regret is the
 incumbent's validation error minus a reference: by default the best validation error of any
-search evaluation in any of the runs, so the best run ends at regret 0; `reference` overrides it
+search evaluation at the maximum budget in any of the runs, so the best run ends at regret 0 (an
+evaluation at a lower budget is no candidate for the incumbent); `reference` overrides it
 (e.g. 1 - 0.9515, the best validation accuracy JAHS-Bench-201's surrogate knows). The incumbent
 at a point of a run is the best evaluation at the run's maximum budget so far (the one the final
 evaluations retrain), so curves start at the first maximum-budget result. Spreads are sample
@@ -124,13 +125,19 @@ def _load_run(root: Path) -> RunData:
 
 
 def default_reference(runs: Sequence[RunData]) -> float:
-    """The best validation error of any successful search evaluation in any run."""
+    """The best validation error of any run's incumbent candidates: its successful evaluations
+    at its maximum budget, and its incumbent (which is at a lower budget only when no evaluation
+    reached the maximum). Errors at lower budgets measure less training than the incumbents do,
+    so they are not a reference that the best run could reach."""
     errors = [
         line["valid_error"]
         for run in runs
         for line in run.history
-        if line["status"] == "ok" and line["valid_error"] is not None
+        if line["status"] == "ok"
+        and line["valid_error"] is not None
+        and line["fidelity"] == run.max_fidelity
     ]
+    errors += [run.incumbent_valid_error for run in runs if run.incumbent_valid_error is not None]
     if not errors:
         raise UserError(
             "no run has a successful search evaluation, so there is no reference for the "

@@ -87,7 +87,7 @@ def compare(
 ) -> None:
     """Run DEHB-WS and its baselines over seeds 0..N-1 with the same settings (resumable)."""
     from dehbws.cli import _settings_from_options
-    from dehbws.compare import Comparison, run_comparison
+    from dehbws.compare import Comparison, check_out, run_comparison
     from dehbws.presets import preset
 
     base = _settings_from_options(preset(preset_name), options)
@@ -99,6 +99,7 @@ def compare(
         finetune_epochs=_epochs_list(finetune_epochs),
         backend=backend,
     )
+    check_out(out, comparison)  # before the log file goes into a folder that is not ours
     _configure_logging(out, verbose=context.obj["verbose"])
     with contextlib.ExitStack() as stack:
         surrogate = None

@@ -20,6 +20,7 @@ DEHBWS_SURROGATE_PYTHON and DEHBWS_SURROGATE_MODELS.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -202,7 +203,10 @@ class SurrogateClient:
             text=True,
             env=env,
         )
-        hello = self._read(self.settings.start_timeout_s, "the start")
+        try:
+            hello = self._read(self.settings.start_timeout_s, "the start")
+        except RuntimeError as error:  # it died or hung before saying whether it is ready
+            hello = {"ready": False, "error": str(error).rstrip()}
         if not hello.get("ready"):
             message = hello.get("error")
             self.close()
@@ -224,7 +228,17 @@ class SurrogateClient:
         line = process.stdout.readline()
         if not line:
             raise RuntimeError(self._died(f"during {what}"))
-        return dict(json.loads(line))
+        try:
+            message = json.loads(line)
+        except json.JSONDecodeError:
+            message = None
+        if not isinstance(message, dict):
+            process.kill()
+            raise RuntimeError(
+                f"the surrogate answered {what} with {line.strip()[:200]!r}, which is no "
+                "protocol line (is it jahs_server.py under a Python interpreter?)"
+            )
+        return message
 
     def _died(self, when: str) -> str:
         assert self._process is not None
@@ -233,6 +247,10 @@ class SurrogateClient:
         if self._stderr is not None:
             self._stderr.seek(0)
             tail = self._stderr.read()[-2000:]
+        for pipe in (self._process.stdin, self._process.stdout):
+            if pipe is not None:
+                with contextlib.suppress(OSError):
+                    pipe.close()
         self._process = None
         return f"the surrogate process ended {when} with exit code {code}:\n{tail}"
 
