@@ -551,9 +551,11 @@ class Coordinator:
         errors = [
             records[j.index]["valid_error"] for j in jobs if records[j.index]["status"] == "ok"
         ]
+        # Vanilla DEHB trains from scratch: it has no supernet to name.
+        supernet = f"supernet v{new_version:04d}, " if self.settings.search.weight_sharing else ""
         logger.info(
             "rung done: batch %d bracket %d rung %d (%d epochs): %d jobs, %d kept, best %s, "
-            "supernet v%04d, %d/%d evaluations",
+            "%s%d/%d evaluations",
             batch,
             jobs[0].bracket,
             jobs[0].rung,
@@ -561,7 +563,7 @@ class Coordinator:
             len(jobs),
             sum(kept.values()),
             f"{min(errors):.4f}" if errors else "none",
-            new_version,
+            supernet,
             schedule.asked,
             self.settings.search.fevals,
         )

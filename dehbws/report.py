@@ -6,8 +6,9 @@ search evaluation at the maximum budget in any of the runs, so the best run ends
 evaluation at a lower budget is no candidate for the incumbent); `reference` overrides it
 (e.g. 1 - 0.9515, the best validation accuracy JAHS-Bench-201's surrogate knows). The incumbent
 at a point of a run is the best evaluation at the run's maximum budget so far (the one the final
-evaluations retrain), so curves start at the first maximum-budget result. Spreads are sample
-standard deviations over seeds (n - 1 in the denominator).
+evaluations retrain), so a run's curve starts at its first maximum-budget result, and a
+method's mean once every seed has one. Spreads are sample standard deviations over seeds (n - 1
+in the denominator).
 
 Curves are drawn against cumulative training epochs (warm-up included) and against wall time,
 measured as the cumulative training seconds of the evaluations (the time one worker needs to
@@ -297,14 +298,17 @@ def plot_regret(runs: Sequence[RunData], reference: float, out: Path) -> list[Pa
 def _band(
     curves: Sequence[tuple[np.ndarray, np.ndarray]],
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Step curves on one grid: mean, min and max over the curves defined at each point."""
-    grid = np.unique(np.concatenate([x for x, _ in curves]))
-    values = np.full((len(curves), len(grid)), np.nan)
+    """Step curves on one grid: mean, min and max over the curves.
+
+    The grid starts where every curve has begun: a mean over the seeds that happen to have an
+    incumbent already would jump up when a worse seed joins, which no single run does.
+    """
+    start = max(x[0] for x, _ in curves)
+    grid = np.unique(np.concatenate([x[x >= start] for x, _ in curves]))
+    values = np.empty((len(curves), len(grid)))
     for row, (x, y) in enumerate(curves):
-        index = np.searchsorted(x, grid, side="right") - 1  # last point at or before grid
-        defined = index >= 0
-        values[row, defined] = y[index[defined]]
-    return grid, np.nanmean(values, 0), np.nanmin(values, 0), np.nanmax(values, 0)
+        values[row] = y[np.searchsorted(x, grid, side="right") - 1]  # last point at or before
+    return grid, values.mean(0), values.min(0), values.max(0)
 
 
 def _methods(runs: Sequence[RunData]) -> list[str]:

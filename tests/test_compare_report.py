@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
-import logging
 import statistics
 import time
 from collections.abc import Iterator
@@ -18,8 +17,8 @@ import matplotlib.image
 import numpy as np
 import pytest
 import torch
+from conftest import run_main
 
-from dehbws.cli import main
 from dehbws.report import RunData, _band, default_reference, summarize
 from dehbws.run_folder import RunFolder
 
@@ -66,34 +65,6 @@ def compare_args(out: Path, cache: Path, *, seeds: int = SEEDS, fevals: int = FE
         "--cache-dir",
         str(cache),
     ]
-
-
-@contextlib.contextmanager
-def kept_logging() -> Iterator[None]:
-    """Put the root logger back as it was: `dehbws compare` installs its own handlers."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    try:
-        yield
-    finally:
-        for handler in list(root.handlers):
-            if handler not in handlers:
-                root.removeHandler(handler)
-                handler.close()
-        for handler in handlers:
-            if handler not in root.handlers:
-                root.addHandler(handler)
-        root.setLevel(level)
-
-
-def run_main(args: list[str]) -> int:
-    """`dehbws ARGS` in this process; its exit code (0 when it returns normally)."""
-    with kept_logging():
-        try:
-            main(args)
-        except SystemExit as exit_:
-            return exit_.code if isinstance(exit_.code, int) else 1
-    return 0
 
 
 def snapshot(out: Path) -> Snapshot:
@@ -292,10 +263,11 @@ def test_the_band_holds_mean_min_and_max_of_the_step_curves() -> None:
 
     grid, mean, low, high = _band([first, second])
 
-    assert grid.tolist() == [1.0, 2.0, 3.0]
-    assert mean.tolist() == pytest.approx([0.5, 0.45, 0.3])
-    assert low.tolist() == pytest.approx([0.5, 0.4, 0.2])
-    assert high.tolist() == pytest.approx([0.5, 0.5, 0.4])
+    # From the point where both curves have begun: a mean over every seed, never over some.
+    assert grid.tolist() == [2.0, 3.0]
+    assert mean.tolist() == pytest.approx([0.45, 0.3])
+    assert low.tolist() == pytest.approx([0.4, 0.2])
+    assert high.tolist() == pytest.approx([0.5, 0.4])
 
 
 # -- the comparison --------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_settings
+from conftest import Crash, CrashAfter, tiny_settings
 
 from dehbws.coordinator import BatchFailedError, Coordinator
 from dehbws.executors import DebugExecutor
@@ -36,27 +36,6 @@ HISTORY_KEYS = {
     "kept",
     "merged_into",
 }
-
-
-class Crash(Exception):
-    """Stands in for the coordinator being killed."""
-
-
-class CrashAfter(Executor):
-    """Runs tasks in process and 'kills the coordinator' after `tasks` finished tasks."""
-
-    def __init__(self, tasks: int) -> None:
-        self.remaining = tasks
-        self.inner = DebugExecutor()
-
-    def run(self, specs: Sequence[TaskSpec], on_done: OnDone) -> None:
-        def counting(outcome: TaskOutcome) -> None:
-            if self.remaining == 0:
-                raise Crash()
-            self.remaining -= 1
-            on_done(outcome)
-
-        self.inner.run(specs, counting)
 
 
 class Recording(Executor):

@@ -12,10 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from dehbws.coordinator import Coordinator
-from dehbws.executors import DebugExecutor
 from dehbws.faults import KILL_VARIABLE
-from dehbws.presets import preset
 from dehbws.run_folder import RunFolder
 from dehbws.store import read_tensors
 
@@ -82,9 +79,19 @@ def _strip(line: dict[str, Any]) -> dict[str, Any]:
 
 def test_killed_at_many_moments_the_run_ends_as_if_uninterrupted(tmp_path: Path) -> None:
     cache = tmp_path / "cache"
+    # The reference runs in a fresh process too, as every killed run does, so that nothing an
+    # earlier test left in this process (torch's thread count, say) can change its numbers.
     reference = RunFolder(tmp_path / "reference")
-    reference.create(preset("tiny"))
-    Coordinator(reference, DebugExecutor(), data_cache_dir=cache).run()
+    code = _dehbws(
+        reference.root,
+        "--preset",
+        "tiny",
+        "--run-dir",
+        str(reference.root),
+        "--cache-dir",
+        str(cache),
+    )
+    assert code == 0
 
     run_dir = tmp_path / "killed"
     folder = RunFolder(run_dir)

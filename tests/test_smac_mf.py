@@ -3,44 +3,20 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import tiny_settings
+from conftest import Crash, CrashAfter, tiny_settings
 
 pytest.importorskip("smac", reason="smac is an optional extra: pip install -e '.[baselines]'")
 
 from dehbws.errors import UserError  # noqa: E402
 from dehbws.executors import DebugExecutor  # noqa: E402
-from dehbws.executors.base import Executor, OnDone, TaskOutcome  # noqa: E402
 from dehbws.methods import run_search  # noqa: E402
 from dehbws.run_folder import RunFolder, read_json  # noqa: E402
-from dehbws.task import TaskSpec  # noqa: E402
 
 FEVALS = 5
-
-
-class Crash(Exception):
-    """Stands in for the search process being killed."""
-
-
-class CrashAfter(Executor):
-    """Runs tasks in this process and 'kills the search' after `tasks` finished tasks."""
-
-    def __init__(self, tasks: int) -> None:
-        self.remaining = tasks
-        self.inner = DebugExecutor()
-
-    def run(self, specs: Sequence[TaskSpec], on_done: OnDone) -> None:
-        def counting(outcome: TaskOutcome) -> None:
-            if self.remaining == 0:
-                raise Crash()
-            self.remaining -= 1
-            on_done(outcome)
-
-        self.inner.run(specs, counting)
 
 
 @pytest.fixture(scope="module")

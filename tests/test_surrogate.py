@@ -8,21 +8,18 @@ with the real 1.6 GB model files.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import importlib.util
 import json
-import logging
 import os
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
-from conftest import tiny_settings
+from conftest import run_main, tiny_settings
 
 from dehbws.baselines.fixed_cnn import evaluate_fixed_cnn
 from dehbws.baselines.surrogate import (
@@ -36,7 +33,6 @@ from dehbws.baselines.surrogate import (
     check_network,
     jahs_config,
 )
-from dehbws.cli import main
 from dehbws.compare import Comparison, run_comparison
 from dehbws.errors import UserError
 from dehbws.executors.base import TaskOutcome
@@ -139,33 +135,6 @@ def fake(tmp_path: Path) -> Fake:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return Fake(package_dir, models_dir, module)
-
-
-@contextlib.contextmanager
-def kept_logging() -> Iterator[None]:
-    """Put the root logger back as it was: `dehbws compare` installs its own handlers."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    try:
-        yield
-    finally:
-        for handler in list(root.handlers):
-            if handler not in handlers:
-                root.removeHandler(handler)
-                handler.close()
-        for handler in handlers:
-            if handler not in root.handlers:
-                root.addHandler(handler)
-        root.setLevel(level)
-
-
-def run_main(args: list[str]) -> int:
-    with kept_logging():
-        try:
-            main(args)
-        except SystemExit as exit_:
-            return exit_.code if isinstance(exit_.code, int) else 1
-    return 0
 
 
 def jahs_tiny(**search_changes: Any) -> RunSettings:
