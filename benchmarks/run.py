@@ -59,7 +59,7 @@ def overhead_rows(args: argparse.Namespace, cache_dir: Path) -> list[Row]:
     return overhead.measure(
         cache_dir,
         network=network,
-        train_seconds=2.0 if args.quick else 80.0,
+        train_seconds=2.0 if args.quick else 150.0,
         evaluations=2,
         threads=args.threads,
         executor="debug",
