@@ -132,15 +132,6 @@ def tensor_names(path: Path) -> list[str]:
         return list(file.keys())
 
 
-def check_finite(path: Path) -> None:
-    """Raise StoreError if any floating-point tensor in the file holds NaN or infinity."""
-    with _open(path) as file:
-        for name in file:
-            array = file[name][()]
-            if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
-                raise StoreError(f"{path}: tensor {name!r} holds non-finite values.")
-
-
 def check_shard(path: Path, supernet: Path, expected_names: Sequence[str] | None = None) -> None:
     """Raise StoreError unless the shard is fit to be averaged into `supernet`.
 

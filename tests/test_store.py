@@ -12,7 +12,7 @@ import pytest
 from dehbws.store import (
     ShardInput,
     StoreError,
-    check_finite,
+    check_shard,
     merge_shards,
     read_meta,
     read_tensors,
@@ -80,13 +80,14 @@ def test_reading_a_truncated_or_foreign_file_is_a_store_error(tmp_path: Path) ->
         read_tensors(tmp_path / "missing.h5")
 
 
-def test_check_finite_finds_nan(tmp_path: Path) -> None:
-    good = _write(tmp_path / "good.h5", {"x": np.ones(3, dtype=np.float32)})
+def test_check_shard_finds_nan(tmp_path: Path) -> None:
+    supernet = _write(tmp_path / "supernet.h5", {"x": np.zeros(2, dtype=np.float32)})
+    good = _write(tmp_path / "good.h5", {"x": np.ones(2, dtype=np.float32)})
     bad = _write(tmp_path / "bad.h5", {"x": np.array([1.0, np.nan], dtype=np.float32)})
 
-    check_finite(good)
-    with pytest.raises(StoreError, match="'x'"):
-        check_finite(bad)
+    check_shard(good, supernet)
+    with pytest.raises(StoreError, match="'x' holds non-finite"):
+        check_shard(bad, supernet)
 
 
 def test_supernet_filename() -> None:
