@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 from abc import ABC, abstractmethod
@@ -28,6 +29,25 @@ class TaskOutcome:
 
 
 OnDone = Callable[[TaskOutcome], None]
+
+
+def log_tail(path: Path | str, lines: int = 30) -> list[str]:
+    """The last lines of a task's log (where Python and SLURM say why it ended)."""
+    try:
+        return Path(path).read_text(errors="replace").splitlines()[-lines:]
+    except OSError:
+        return []
+
+
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Fault|Interrupt)\b(:.*)?$")
+
+
+def raised_exception(log_lines: Sequence[str]) -> str | None:
+    """The exception line of the last traceback in a task's log (e.g. `ValueError: ...`)."""
+    for line in reversed(log_lines):
+        if _EXCEPTION_LINE.match(line.strip()):
+            return line.strip()
+    return None
 
 
 class Executor(ABC):

@@ -17,7 +17,14 @@ from typing import Any
 
 import submitit
 
-from dehbws.executors.base import Executor, OnDone, Progress, TaskOutcome
+from dehbws.executors.base import (
+    Executor,
+    OnDone,
+    Progress,
+    TaskOutcome,
+    log_tail,
+    raised_exception,
+)
 from dehbws.task import TaskSpec, run_task
 
 logger = logging.getLogger(__name__)
@@ -105,22 +112,7 @@ class LocalExecutor(Executor):
         if task.stop_asked is not None:
             message = f"TimeoutError: stopped after the time limit of {self.timeout_min:g} min"
         else:
-            message = _last_error(Path(log_path)) or (
+            message = raised_exception(log_tail(log_path)) or (
                 f"local job {task.job.job_id} ended without a result (killed or crashed)"
             )
         return TaskOutcome(spec, None, error=message, log_path=log_path)
-
-
-def _last_error(log_path: Path) -> str | None:
-    """The exception line of the last traceback in a task's stderr log, if there is one."""
-    try:
-        lines = log_path.read_text(errors="replace").splitlines()
-    except OSError:
-        return None
-    starts = [i for i, line in enumerate(lines) if line.startswith("Traceback (most recent")]
-    if not starts:
-        return None
-    for line in lines[starts[-1] + 1 :]:
-        if line and not line[0].isspace():
-            return line.strip()
-    return None

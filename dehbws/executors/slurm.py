@@ -18,7 +18,6 @@ import dataclasses
 import datetime
 import logging
 import os
-import re
 import shutil
 import subprocess
 import tempfile
@@ -33,7 +32,14 @@ import submitit
 from submitit.core.utils import FailedJobError, FailedSubmissionError
 
 from dehbws.errors import UserError
-from dehbws.executors.base import Executor, OnDone, Progress, TaskOutcome
+from dehbws.executors.base import (
+    Executor,
+    OnDone,
+    Progress,
+    TaskOutcome,
+    log_tail,
+    raised_exception,
+)
 from dehbws.executors.slurm_settings import (
     SlurmSettings,
     container_python,
@@ -402,7 +408,7 @@ def _outcome(task: _Waiting) -> TaskOutcome:
         logger.debug("job %s finished %s", job.job_id, task.spec.name)
         return TaskOutcome(task.spec, read_json(result_path), log_path=log_path)
 
-    tail = _log_tail(job.paths.stderr)
+    tail = log_tail(job.paths.stderr)
     if job.paths.result_pickle.exists():
         first = f"{_raised(tail)} (job {job.job_id})"
     else:
@@ -416,23 +422,9 @@ def _outcome(task: _Waiting) -> TaskOutcome:
     return TaskOutcome(task.spec, None, "\n".join([first, *tail]), log_path)
 
 
-def _log_tail(path: Path, lines: int = 30) -> list[str]:
-    """The last lines of a task's log (where Python and SLURM say why it ended)."""
-    try:
-        return path.read_text(errors="replace").splitlines()[-lines:]
-    except OSError:
-        return []
-
-
-_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Fault|Interrupt)\b(:.*)?$")
-
-
 def _raised(log_lines: list[str]) -> str:
     """The exception line of the traceback in a task's log (e.g. `ValueError: ...`)."""
-    for line in reversed(log_lines):
-        if _EXCEPTION_LINE.match(line.strip()):
-            return line.strip()
-    return "the task raised an exception (see its log)"
+    return raised_exception(log_lines) or "the task raised an exception (see its log)"
 
 
 def _sbatch_complaint(text: str) -> str:
